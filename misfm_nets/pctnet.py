@@ -1,0 +1,265 @@
+"""PCT-Net: the parallel convolution + transformer network of MIS-FM (Wang et al. 2023, arXiv 2306.16925)."""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Union
+
+import torch
+from torch import nn
+
+from .conv_blocks import ConvBlock, ConvLayer, DownSample, UpCatBlock
+from .swin import SwinLayer
+
+__all__ = ["PCTNet", "RESOLUTION_MODE_SCALES", "UPSTREAM_CONFIG_KEYS"]
+
+# Down-sampling from the input to the transformer pyramid, per resolution mode, on (slice, row, column).
+RESOLUTION_MODE_SCALES = ((4, 4, 4), (2, 4, 4), (1, 4, 4))
+# Per mode: kernel dimension of (the first, the second) embedding level and its (first, second) pooling;
+# 3 = isotropic, 2 = in-plane only (kernel 1x3x3, pooling 1x2x2).
+_CONV_DIMS = ((3, 3), (2, 3), (2, 2))
+_DOWN_DIMS = ((3, 3), (2, 3), (2, 2))
+# How the original's constructor dict keys map to ours.
+UPSTREAM_CONFIG_KEYS = {
+    "in_chns": "in_channels",
+    "class_num": "out_channels",
+    "input_size": "input_size",
+    "feature_chns": "feature_channels",
+    "dropout": "dropout",
+    "depths": "depths",
+    "num_heads": "num_heads",
+    "window_sizes": "window_sizes",
+    "resolution_mode": "resolution_mode",
+    "multiscale_pred": "deep_supervision",
+}
+
+
+class PatchEmbedding(nn.Module):
+    """Convolutional stem: ``x -> (x0 full res, x1 after one pooling, x2 after two poolings)``."""
+
+    def __init__(
+        self, in_channels: int, channels: Sequence[int], conv_dims: Sequence[int], down_dims: Sequence[int],
+        dropout: Sequence[float],
+    ) -> None:
+        super().__init__()
+        c0, c1, c2 = channels
+        kernel, padding = ((3, 3, 3), 1) if conv_dims[0] == 3 else ((1, 3, 3), (0, 1, 1))
+        self.proj = nn.Conv3d(in_channels, c0, kernel, padding=padding)
+        self.conv0 = ConvBlock(c0, c0, conv_dims[0], dropout[0])
+        self.conv1 = ConvBlock(c1, c1, conv_dims[1], dropout[1])
+        self.down1 = DownSample(c0, c1, down_dims[0], conv_dims[1])
+        self.down2 = DownSample(c1, c2, down_dims[1], 3)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        x0 = self.conv0(self.proj(x))
+        x1 = self.conv1(self.down1(x0))
+        return [x0, x1, self.down2(x1)]
+
+
+class ConvTransBlock(nn.Module):
+    """Parallel CNN and Swin branches summed: ``(B, C, S, H, W) -> (B, C, S, H, W)``; no identity skip."""
+
+    def __init__(
+        self, channels: int, input_resolution: Sequence[int], depth: int, num_heads: int, window_size: int,
+        dropout: float, drop_path: float,
+    ) -> None:
+        super().__init__()
+        self.conv = ConvBlock(channels, channels, 3, dropout)
+        self.trans = SwinLayer(
+            channels, input_resolution, depth, num_heads, window_size, drop=dropout, attn_drop=dropout,
+            drop_path=drop_path,
+        )
+        self.pos_drop = nn.Dropout(dropout)
+        # Present in the original (and so in its checkpoints) but never used; frozen so DDP needs no
+        # find_unused_parameters.
+        self.norm_layer = nn.LayerNorm(channels).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.pos_drop(x.permute(0, 2, 3, 4, 1))
+        return self.conv(x) + self.trans(tokens).permute(0, 4, 1, 2, 3)
+
+
+class PyramidConvTrans(nn.Module):
+    """Three-level encoder-decoder of :class:`ConvTransBlock` s at 1, 1/2 and 1/4 of the pyramid resolution.
+
+    ``forward(x2) -> [d2, d3]`` (decoder maps at 1 and 1/2 of the pyramid resolution).
+    """
+
+    def __init__(
+        self, channels: Sequence[int], resolution: Sequence[int], depths: Sequence[int], num_heads: Sequence[int],
+        window_sizes: Sequence[int], dropout: Sequence[float], out_channels: int, drop_path: float,
+    ) -> None:
+        super().__init__()
+        c2, c3, c4 = channels
+        r2 = list(resolution)
+        r3 = [r // 2 for r in r2]
+        r4 = [r // 2 for r in r3]
+
+        def block(level: int, res: Sequence[int]) -> ConvTransBlock:
+            return ConvTransBlock(
+                channels[level], res, depths[level], num_heads[level], window_sizes[level], dropout[level], drop_path
+            )
+
+        self.down3 = DownSample(c2, c3)
+        self.down4 = DownSample(c3, c4)
+        self.up3 = UpCatBlock(c2, c3)
+        self.up4 = UpCatBlock(c3, c4)
+        self.convtrans_e2 = block(0, r2)
+        self.convtrans_d2 = block(0, r2)
+        self.convtrans_e3 = block(1, r3)
+        self.convtrans_d3 = block(1, r3)
+        self.convtrans_e4 = block(2, r4)
+        self.out_conv2 = ConvLayer(c2, out_channels)
+        self.out_conv3 = ConvLayer(c3, out_channels)
+
+    def forward(self, x2: torch.Tensor) -> List[torch.Tensor]:
+        e2 = self.convtrans_e2(x2)
+        e3 = self.convtrans_e3(self.down3(e2))
+        e4 = self.convtrans_e4(self.down4(e3))
+        d3 = self.convtrans_d3(self.up4(e3, e4))
+        d2 = self.convtrans_d2(self.up3(e2, d3))
+        return [d2, d3]
+
+
+class PredictionHead(nn.Module):
+    """Decoder from the pyramid output back to full resolution: ``(x0, x1, d2) -> (out, out_1/2)``."""
+
+    def __init__(
+        self, channels: Sequence[int], out_channels: int, conv_dims: Sequence[int], down_dims: Sequence[int],
+        dropout: Sequence[float],
+    ) -> None:
+        super().__init__()
+        c0, c1, c2 = channels
+        self.up1 = UpCatBlock(c0, c1, down_dims[0], conv_dims[0])
+        self.up2 = UpCatBlock(c1, c2, down_dims[1], conv_dims[1])
+        self.conv0 = ConvBlock(c0, c0, conv_dims[0], dropout[0])
+        self.conv1 = ConvBlock(c1, c1, conv_dims[1], dropout[1])
+        self.out_conv0 = ConvLayer(c0, out_channels)
+        self.out_conv1 = ConvLayer(c1, out_channels)
+
+    def forward(self, x0: torch.Tensor, x1: torch.Tensor, d2: torch.Tensor) -> List[torch.Tensor]:
+        d1 = self.conv1(self.up2(x1, d2))
+        d0 = self.conv0(self.up1(x0, d1))
+        return [d0, d1]
+
+
+class PCTNet(nn.Module):
+    """PCT-Net from MIS-FM, with the original's state-dict layout (the published checkpoint loads unchanged).
+
+    A convolutional stem, a 3-level pyramid whose blocks run a CNN branch and a shifted-window transformer
+    branch in parallel, and a convolutional prediction head. Three stems/heads exist for the three
+    ``resolution_mode`` s (0: isotropic, 1: first pooling in-plane only, 2: both in-plane only); only the selected
+    pair is used, the others are kept (frozen) so checkpoints of any mode load.
+
+    Args:
+        in_channels: input channels (1 for CT).
+        out_channels: number of classes (background included).
+        input_size: the patch size the transformer was built for, in the input's axis order (see ``axis_order``).
+            It fixes the attention windows (a window larger than a pyramid level is clamped to it); any other
+            input whose sides are multiples of :attr:`size_divisor` also works.
+        feature_channels: widths of the 5 levels (stem full, stem 1/2, pyramid 1, 1/2, 1/4).
+        dropout: dropout per level (the pyramid levels also use it for attention and MLP dropout).
+        depths, num_heads, window_sizes: Swin depth, heads and cubic window per pyramid level.
+        resolution_mode: 0, 1 or 2; the down-sampling to the pyramid is (4,4,4), (2,4,4) or (1,4,4)
+            on (slice, row, column).
+        deep_supervision: return ``[full, 1/2, 1/4, 1/8]``-resolution logits (in train and eval mode), the
+            order :class:`monai.losses.DeepSupervisionLoss` expects; otherwise one tensor.
+        axis_order: ``"zyx"`` (the original, ``(N, C, D, H, W)`` with D the slice axis) or ``"xyz"`` for volumes
+            as MONAI's ``LoadImage`` gives them ``(N, C, X, Y, Z)``; inputs and outputs are then transposed
+            inside the network, so MONAI pipelines, inferers and ``Invertd`` need no extra transform.
+        drop_path: stochastic-depth rate of every Swin block (the original uses the constant 0.2).
+
+    Shapes: ``(N, in_channels, *spatial) -> (N, out_channels, *spatial)`` (or the list of 4 with deep supervision).
+
+    Example::
+
+        >>> net = PCTNet(1, 14, input_size=(128, 128, 64), axis_order="xyz")
+        >>> net.size_divisor
+        (16, 16, 8)
+        >>> net(torch.zeros(1, 1, 128, 128, 64)).shape
+        torch.Size([1, 14, 128, 128, 64])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        input_size: Sequence[int],
+        feature_channels: Sequence[int] = (24, 48, 128, 256, 512),
+        dropout: Sequence[float] = (0.0, 0.0, 0.2, 0.2, 0.2),
+        depths: Sequence[int] = (2, 2, 2),
+        num_heads: Sequence[int] = (4, 8, 16),
+        window_sizes: Sequence[int] = (6, 6, 6),
+        resolution_mode: int = 1,
+        deep_supervision: bool = False,
+        axis_order: str = "zyx",
+        drop_path: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if resolution_mode not in (0, 1, 2):
+            raise ValueError(f"resolution_mode must be 0, 1 or 2, got {resolution_mode}.")
+        if axis_order not in ("zyx", "xyz"):
+            raise ValueError(f"axis_order must be 'zyx' (slice axis first) or 'xyz' (MONAI), got {axis_order!r}.")
+        if len(input_size) != 3 or len(feature_channels) != 5 or len(dropout) != 5:
+            raise ValueError(
+                "input_size needs 3 values, feature_channels and dropout 5 each; got "
+                f"{tuple(input_size)}, {tuple(feature_channels)}, {tuple(dropout)}."
+            )
+        for name, value in (("depths", depths), ("num_heads", num_heads), ("window_sizes", window_sizes)):
+            if len(value) != 3:
+                raise ValueError(f"{name} needs one value per pyramid level (3), got {tuple(value)}.")
+        self.resolution_mode = resolution_mode
+        self.deep_supervision = deep_supervision
+        self.transpose = axis_order == "xyz"
+        size_zyx = list(input_size)[::-1] if self.transpose else list(input_size)
+        scale = RESOLUTION_MODE_SCALES[resolution_mode]
+        divisor_zyx = [s * 4 for s in scale]
+        if any(size % div for size, div in zip(size_zyx, divisor_zyx)):
+            raise ValueError(
+                f"input_size {tuple(input_size)} ({axis_order}) must be divisible by "
+                f"{tuple(divisor_zyx[::-1] if self.transpose else divisor_zyx)} for resolution_mode {resolution_mode}."
+            )
+        self.size_divisor = tuple(divisor_zyx[::-1] if self.transpose else divisor_zyx)
+        stem_channels = list(feature_channels[:3])
+        self.embeddings = nn.ModuleList(
+            PatchEmbedding(in_channels, stem_channels, _CONV_DIMS[m], _DOWN_DIMS[m], dropout[:2]) for m in range(3)
+        )
+        self.pyramid_ct = PyramidConvTrans(
+            feature_channels[2:], [s // f for s, f in zip(size_zyx, scale)], depths, num_heads, window_sizes,
+            dropout[2:], out_channels, drop_path,
+        )
+        self.pred_heads = nn.ModuleList(
+            PredictionHead(stem_channels, out_channels, _CONV_DIMS[m], _DOWN_DIMS[m], dropout[:2]) for m in range(3)
+        )
+        self._freeze_unused()
+
+    def _freeze_unused(self) -> None:
+        """Stems/heads of other modes (and deep-supervision heads when off) get no gradient: freeze them."""
+        for mode in range(3):
+            if mode != self.resolution_mode:
+                self.embeddings[mode].requires_grad_(False)
+                self.pred_heads[mode].requires_grad_(False)
+        if not self.deep_supervision:
+            self.pred_heads[self.resolution_mode].out_conv1.requires_grad_(False)
+            self.pyramid_ct.out_conv2.requires_grad_(False)
+            self.pyramid_ct.out_conv3.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        if x.dim() != 5:
+            raise ValueError(f"PCTNet expects a 5-D (N, C, *spatial) tensor, got shape {tuple(x.shape)}.")
+        for size, div in zip(x.shape[2:], self.size_divisor):
+            if size % div:
+                raise ValueError(
+                    f"PCTNet input spatial shape {tuple(x.shape[2:])} must be divisible by {self.size_divisor}; "
+                    "pad it (e.g. monai.transforms.DivisiblePad) or use sliding-window inference."
+                )
+        if self.transpose:
+            x = x.permute(0, 1, 4, 3, 2)
+        x0, x1, x2 = self.embeddings[self.resolution_mode](x)
+        d2, d3 = self.pyramid_ct(x2)
+        head = self.pred_heads[self.resolution_mode]
+        d0, d1 = head(x0, x1, d2)
+        out = head.out_conv0(d0)
+        if not self.deep_supervision:
+            return out.permute(0, 1, 4, 3, 2) if self.transpose else out
+        outs = [out, head.out_conv1(d1), self.pyramid_ct.out_conv2(d2), self.pyramid_ct.out_conv3(d3)]
+        return [o.permute(0, 1, 4, 3, 2) for o in outs] if self.transpose else outs
