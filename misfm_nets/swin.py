@@ -166,6 +166,8 @@ class SwinBlock(nn.Module):
         self._mask_cache: Dict[str, torch.Tensor] = {}
 
     def _shift_mask(self, padded: Tuple[int, int, int], device: torch.device) -> torch.Tensor:
+        if torch.jit.is_tracing():  # a cached tensor would enter the trace as a constant of another call
+            return shift_mask(padded, self.window_size, self.shift_size, device)
         key = f"{padded}{device}"
         if key not in self._mask_cache:
             self._mask_cache[key] = shift_mask(padded, self.window_size, self.shift_size, device)
