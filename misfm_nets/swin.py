@@ -102,12 +102,17 @@ class WindowAttention(nn.Module):
 
     def forward(self, windows: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, nw, n, c = windows.shape
-        qkv = self.qkv(windows).view(b, nw, n, 3, self.num_heads, c // self.num_heads)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, head_dim)
+        h = self.num_heads
+        qkv = self.qkv(windows).view(b, nw, n, 3, h, c // h).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, d)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        attn_mask = bias.view(n, n, self.num_heads).permute(2, 0, 1)  # (heads, N, N)
-        if mask is not None:
-            attn_mask = attn_mask + mask.unsqueeze(1)  # (nW, heads, N, N)
+        attn_mask = bias.view(n, n, h).permute(2, 0, 1).unsqueeze(0)  # (1, h, N, N)
+        if mask is None:
+            # one bias for every window: batch = (B * nW), broadcast over it
+            q, k, v = qkv.reshape(3, b * nw, h, n, c // h).unbind(0)
+        else:
+            # bias + shift mask differ per window: heads = (nW * h), broadcast over B
+            attn_mask = (attn_mask + mask.unsqueeze(1)).reshape(1, nw * h, n, n)
+            q, k, v = qkv.reshape(3, b, nw * h, n, c // h).unbind(0)
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -116,7 +121,7 @@ class WindowAttention(nn.Module):
             dropout_p=self.attn_drop if self.training else 0.0,
             scale=self.scale,
         )
-        out = out.transpose(2, 3).reshape(b, nw, n, c)
+        out = out.view(b, nw, h, n, c // h).transpose(2, 3).reshape(b, nw, n, c)
         return self.proj_drop(self.proj(out))
 
 
