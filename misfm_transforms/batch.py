@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from ._checks import check_num_levels, check_range, check_sizes
+from ._checks import check_finite, check_num_levels, check_range, check_sizes
 from .fusion import fuse_volumes
 
 __all__ = ["volume_fusion_batch"]
@@ -73,9 +74,55 @@ def volume_fusion_batch(
     starts = centers - sizes // 2
     stops = (starts + sizes).minimum(shape).tolist()
     starts = starts.clamp(min=0).tolist()
-    label = torch.zeros((n, 1, *spatial), dtype=torch.int64, device=images.device)
+    if images.device.type != "cpu":  # device batch: asynchronous fills and one fused expression, no host sync
+        label = torch.zeros((n, 1, *spatial), dtype=torch.int64, device=images.device)
+        for i, count in enumerate(counts.tolist()):
+            for (x0, y0, z0), (x1, y1, z1), level in zip(starts[i][:count], stops[i][:count], levels[i][:count].tolist()):
+                label[i, 0, x0:x1, y0:y1, z0:z1] = level
+        fused = fuse_volumes(images.roll(1, dims=0), images, label, k)
+        return fused, label
+    # CPU: paint the boxes into a uint8 map (numpy slicing: ~1 us per box), widen it once to the int64 label,
+    # and fuse sample by sample from the uint8 map with preallocated buffers (no rolled copy of the batch)
+    small = np.zeros((n, 1, *spatial), dtype=np.uint8)
     for i, count in enumerate(counts.tolist()):
         for (x0, y0, z0), (x1, y1, z1), level in zip(starts[i][:count], stops[i][:count], levels[i][:count].tolist()):
-            label[i, 0, x0:x1, y0:y1, z0:z1] = level
-    fused = fuse_volumes(images.roll(1, dims=0), images, label, k)
+            small[i, 0, x0:x1, y0:y1, z0:z1] = level
+    small_t = torch.from_numpy(small)
+    label = torch.from_numpy(_host_empty(small.shape, np.int64))
+    label.copy_(small_t)
+    fused = _fuse_batch_cpu(images, small_t, k)
+    check_finite("foreground or background", fused, tuple(images.shape))
     return fused, label
+
+
+def _host_empty(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """A new uninitialised host array for a large output, allocated by numpy.
+
+    numpy advises transparent huge pages for allocations of 4 MiB and more; torch's allocator does not, and
+    glibc serves blocks of 32 MiB and more (the int64 label of a 4 x 64 x 128 x 128 batch) with a fresh
+    ``mmap`` every call: 8192 page faults, measured 12 ms per batch against under 3 ms here.
+    """
+    return np.empty(shape, dtype=dtype)
+
+
+def _fuse_batch_cpu(images: torch.Tensor, small: torch.Tensor, k: int) -> torch.Tensor:
+    """``fused[i] = a * images[i - 1] + (1 - a) * images[i]`` with ``a = float32(label[i]) / float32(K)``.
+
+    The same IEEE float32 operations, in the same order, as the defining expression (bit-identical), per
+    sample with two reused buffers: ``a`` is built in the output slot (exact uint8 -> float32 cast, division),
+    ``b = 1 - a`` (numpy, one exact subtraction), ``out = a * fg``, ``b *= bg``, ``out += b``.
+    """
+    n, c = images.shape[:2]
+    src = images.detach().as_subclass(torch.Tensor).to(torch.float32)
+    fused = torch.from_numpy(_host_empty(tuple(src.shape), np.float32))
+    beta = torch.empty((c, *src.shape[2:]), dtype=torch.float32)
+    beta_np = beta.numpy()
+    for i in range(n):
+        out, fg, bg = fused[i], src[(i - 1) % n], src[i]
+        out.copy_(small[i])  # broadcasts over the channels
+        out.div_(k)
+        np.subtract(np.float32(1.0), out.numpy(), out=beta_np)
+        out.mul_(fg)
+        beta.mul_(bg)
+        out.add_(beta)
+    return fused

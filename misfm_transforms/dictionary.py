@@ -26,7 +26,11 @@ __all__ = [
 
 class _FusionDictBase(Randomizable, MapTransform):
     """Reads ``background_key`` and ``foreground_key``, writes the fused image to ``background_key`` and the
-    label map to ``label_key``; the foreground entry is left as it is."""
+    label map to ``label_key``; the foreground entry is left as it is.
+
+    The default foreground key is ``"foreground"``: avoid names like ``"image_fg"``, which MONAI's dictionary
+    transforms (e.g. ``Spacingd``) take for metadata of ``"image"``.
+    """
 
     fusion: RandVolumeFusion | RandVolumeFusionGrid
 
@@ -61,14 +65,14 @@ class RandVolumeFusiond(_FusionDictBase):
 
     Example::
 
-        RandVolumeFusiond(background_key="image", foreground_key="image_fg", label_key="label",
+        RandVolumeFusiond(background_key="image", foreground_key="foreground", label_key="label",
                           box_size_max=(80, 80, 40))   # (x, y, z) order for MONAI-loaded volumes
     """
 
     def __init__(
         self,
         background_key: str = "image",
-        foreground_key: str = "image_fg",
+        foreground_key: str = "foreground",
         label_key: str = "label",
         num_levels: int = 4,
         num_boxes: Sequence[int] | int = (10, 40),
@@ -86,14 +90,14 @@ class RandVolumeFusionGridd(_FusionDictBase):
 
     Example::
 
-        Compose([RandPairCropForVolumeFusiond("image", foreground_key="image_fg", spatial_size=(128, 128, 64)),
-                 RandVolumeFusionGridd(background_key="image", foreground_key="image_fg", label_key="label")])
+        Compose([RandPairCropForVolumeFusiond("image", foreground_key="foreground", spatial_size=(128, 128, 64)),
+                 RandVolumeFusionGridd(background_key="image", foreground_key="foreground", label_key="label")])
     """
 
     def __init__(
         self,
         background_key: str = "image",
-        foreground_key: str = "image_fg",
+        foreground_key: str = "foreground",
         label_key: str = "label",
         num_levels: int = 4,
         foreground_ratio: float = 0.7,
@@ -114,13 +118,13 @@ class RandPairCropForVolumeFusiond(Randomizable, MapTransform):
 
     Example::
 
-        RandPairCropForVolumeFusiond(keys="image", foreground_key="image_fg", spatial_size=(128, 128, 64))
+        RandPairCropForVolumeFusiond(keys="image", foreground_key="foreground", spatial_size=(128, 128, 64))
     """
 
     def __init__(
         self,
         keys: KeysCollection = "image",
-        foreground_key: str | Sequence[str] = "image_fg",
+        foreground_key: str | Sequence[str] = "foreground",
         spatial_size: Sequence[int] = (64, 128, 128),
         scale_range: Sequence[float] | Sequence[Sequence[float]] = ((0.7, 1.5), (0.7, 1.5), (0.7, 1.5)),
         flip: bool = True,

@@ -22,8 +22,13 @@ from ._checks import check_finite, check_spatial_3d
 
 __all__ = ["RandPairCropForVolumeFusion", "resize_linear", "adaptive_contrast", "gamma_correction"]
 
-# subsample stride used to pick tail thresholds for the exact percentile selection
-_SUBSAMPLE = 64
+# stride of the subsample that picks the tail thresholds of the exact percentile selection: a prime, so the
+# subsample does not alias with power-of-two row lengths (a stride of 64 on 128-wide rows sampled only the
+# corner-aligned, non-interpolated columns of an upsampled patch: biased tails, then a full-array fallback)
+_SUBSAMPLE = 61
+
+# measured per-output-voxel costs (one thread) of the two resize stages, used to order them
+_COST_BILINEAR, _COST_LERP = 3.0, 1.0
 
 
 def _axis_weights(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -35,6 +40,52 @@ def _axis_weights(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Te
     return i0, (i0 + 1).clamp(max=n_in - 1), weight
 
 
+def _resize_first_axis(image: torch.Tensor, n_out: int, reverse: bool = False) -> torch.Tensor:
+    """Linear resize of axis 1 of ``(C, X, Y, Z)`` slab by slab into a new contiguous tensor (no gathered
+    temporaries); ``reverse`` writes the output slabs in reverse order (a free flip of that axis)."""
+    i0, i1, weight = _axis_weights(image.shape[1], n_out, torch.device("cpu"))
+    out = torch.empty((image.shape[0], n_out, *image.shape[2:]), dtype=image.dtype)
+    for j, (a, b, w) in enumerate(zip(i0.tolist(), i1.tolist(), weight.tolist())):
+        target = out[:, n_out - 1 - j] if reverse else out[:, j]
+        if w == 0.0:
+            target.copy_(image[:, a])
+        else:
+            torch.lerp(image[:, a], image[:, b], w, out=target)
+    return out
+
+
+def _resize(image: torch.Tensor, spatial_size: Sequence[int], flip: Sequence[bool] = (False, False, False)) -> torch.Tensor:
+    """:func:`resize_linear` of a CPU tensor, then flips of the flagged spatial axes; always a new tensor.
+
+    The first axis is resized slab by slab (one ``lerp`` per output slab), the two others by one bilinear
+    ``interpolate``; the cheaper order (fewer output voxels of the expensive bilinear stage) is chosen. A flip
+    of the first axis is folded into the slab loop.
+    """
+    out0, out1, out2 = (int(s) for s in spatial_size)
+    n0, n1, n2 = image.shape[1:]
+    resize_0, resize_12 = n0 != out0, (n1, n2) != (out1, out2)
+    flips = [d + 1 for d in range(3) if flip[d]]
+    if resize_0 and resize_12:
+        # depth first: lerp over out0*n1*n2 voxels, bilinear over out0*out1*out2; else bilinear over n0*out1*out2
+        first = out0 * n1 * n2 * _COST_LERP + out0 * out1 * out2 * _COST_BILINEAR
+        second = n0 * out1 * out2 * _COST_BILINEAR + out0 * out1 * out2 * _COST_LERP
+        if first <= second:  # (a flip of the first axis commutes with the in-plane resize)
+            image = _resize_first_axis(image, out0, reverse=flip[0])
+            image = F.interpolate(image, size=(out1, out2), mode="bilinear", align_corners=True)
+        else:
+            image = F.interpolate(image, size=(out1, out2), mode="bilinear", align_corners=True)
+            image = _resize_first_axis(image, out0, reverse=flip[0])
+        flips = flips[1:] if flip[0] else flips
+    elif resize_0:
+        image = _resize_first_axis(image, out0, reverse=flip[0])
+        flips = flips[1:] if flip[0] else flips
+    elif resize_12:
+        image = F.interpolate(image, size=(out1, out2), mode="bilinear", align_corners=True)
+    elif not flips:
+        return image.clone(memory_format=torch.contiguous_format)
+    return torch.flip(image, flips) if flips else image.contiguous()
+
+
 def resize_linear(image: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:
     """Resize a ``(C, X, Y, Z)`` float32 tensor to ``spatial_size`` with linear interpolation.
 
@@ -42,45 +93,108 @@ def resize_linear(image: torch.Tensor, spatial_size: Sequence[int]) -> torch.Ten
     ``j * (n_in - 1) / (n_out - 1)``, which is the grid of ``scipy.ndimage.zoom(..., order=1)`` (default
     ``grid_mode=False``). Results equal zoom's up to float32 rounding (zoom works in float64), with one
     deliberate difference: zoom's default ``mode="constant"`` (used by pymic) turns a last output slice into 0
-    when its coordinate rounds just above ``n_in - 1``; here that slice takes the edge value.
+    when its coordinate rounds just above ``n_in - 1``; here that slice takes the edge value. The result is
+    always a new contiguous tensor (never a view of ``image``).
     """
-    out0, out1, out2 = (int(s) for s in spatial_size)
-    if image.shape[1] != out0:  # first axis: gather two slabs and blend (cheap, reduces the volume early)
-        i0, i1, w = _axis_weights(image.shape[1], out0, image.device)
-        image = torch.lerp(image.index_select(1, i0), image.index_select(1, i1), w[:, None, None])
-    if tuple(image.shape[2:]) != (out1, out2):
-        image = F.interpolate(image, size=(out1, out2), mode="bilinear", align_corners=True)
-    return image.contiguous()
+    return _resize(image, spatial_size)
 
 
-def _order_stats(flat: np.ndarray, ranks: Sequence[int], low_tail: bool) -> tuple[list[float], np.ndarray | None]:
-    """Exact order statistics at ``ranks`` (0-based, ascending) that lie in one tail of ``flat``.
+def _select(values: np.ndarray, ranks: Sequence[int], offset: int) -> list[float]:
+    """Values of ``values`` at ascending ranks ``ranks - offset``: one single-pivot partition at the first
+    rank; its neighbour above and the extremes come from min/max of the two sides (cheaper than a
+    multi-pivot partition)."""
+    ks = [k - offset for k in ranks]
+    pivot, last = ks[0], values.size - 1
+    part = np.partition(values, pivot)
+    out = []
+    for k in ks:
+        if k == pivot:
+            out.append(part[pivot])
+        elif k == pivot + 1:
+            out.append(part[pivot + 1 :].min())
+        elif k == 0:
+            out.append(part[: pivot + 1].min())
+        elif k == last:
+            out.append(part[pivot:].max())
+        else:
+            return [float(v) for v in np.partition(values, ks)[ks]]
+    return [float(v) for v in out]
 
-    A threshold picked on a strided subsample selects the tail (all values ``<=`` or ``>=`` it); if the tail
-    holds enough values the ranks are selected there (exact: every other value lies beyond the threshold),
-    otherwise in the whole array. Returns the values and the tail's flat indices (``None``: the whole array).
+
+def _tail_order_stats(
+    flat: np.ndarray, low_ranks: Sequence[int], high_ranks: Sequence[int]
+) -> tuple[list[float], list[float], np.ndarray | None, np.ndarray | None]:
+    """Exact order statistics of ``flat`` at ``low_ranks`` and ``high_ranks`` (0-based, ascending).
+
+    Thresholds picked on a strided subsample select the two tails (all values ``<= t_lo`` and ``>= t_hi``)
+    with one mask and one ``flatnonzero``; when each tail holds enough values the ranks are selected inside
+    it (exact: every other value lies beyond the threshold). Otherwise the thresholds are widened once, then
+    the whole array is used. Returns the low and high values and the flat indices of the two tails
+    (``None``: the whole array was used).
     """
     n = flat.size
-    need = (max(ranks) + 1) if low_tail else (n - min(ranks))
+    need_lo, need_hi = max(low_ranks) + 1, n - min(high_ranks)
     sub = flat[::_SUBSAMPLE]
     m = sub.size
-    r = min(m, int(need * m / n * 1.25) + 32)
-    index = None
-    if r < m:
-        kth = r - 1 if low_tail else m - r
-        threshold = np.partition(sub, kth)[kth]
-        tail = np.flatnonzero(flat <= threshold if low_tail else flat >= threshold)
-        if tail.size >= need:
-            index = tail
-    values = flat if index is None else flat[index]
-    offset = n - values.size if not low_tail else 0
-    part = np.partition(values, [k - offset for k in ranks])
-    return [float(part[k - offset]) for k in ranks], index
+    for widen in (1, 4):
+        r_lo = int(need_lo * m / n * 1.25 * widen) + 32 * widen
+        r_hi = int(need_hi * m / n * 1.25 * widen) + 32 * widen
+        if r_lo + r_hi >= m:
+            break
+        part = np.partition(sub, (r_lo - 1, m - r_hi))
+        t_lo, t_hi = part[r_lo - 1], part[m - r_hi]
+        mask = np.less_equal(flat, t_lo)
+        mask |= np.greater_equal(flat, t_hi)
+        index = np.flatnonzero(mask)
+        values = flat[index]
+        # (np.compress: numpy's boolean indexing is several times slower on these ~1e4..1e5 element arrays)
+        in_lo, in_hi = np.less_equal(values, t_lo), np.greater_equal(values, t_hi)
+        lo_values, hi_values = np.compress(in_lo, values), np.compress(in_hi, values)
+        if lo_values.size >= need_lo and hi_values.size >= need_hi:
+            low = _select(lo_values, low_ranks, 0)
+            high = _select(hi_values, high_ranks, n - hi_values.size)
+            return low, high, np.compress(in_lo, index), np.compress(in_hi, index)
+    part = np.partition(flat, sorted(set(low_ranks) | set(high_ranks)))
+    return [float(part[k]) for k in low_ranks], [float(part[k]) for k in high_ranks], None, None
 
 
 def _lerp(a: float, b: float, t: float) -> np.float32:
     """numpy's percentile interpolation between neighbouring order statistics (float64, then float32)."""
     return np.float32(a + (b - a) * t if t < 0.5 else b - (b - a) * (1.0 - t))
+
+
+def _contrast_inplace(flat: np.ndarray, p0: float, p1: float) -> np.ndarray:
+    """:func:`adaptive_contrast` in place on a flat float32 array (bit-identical results)."""
+    n = flat.size
+    h0, h1 = (n - 1) * (p0 / 100.0), (n - 1) * (p1 / 100.0)
+    k0, k1 = int(np.floor(h0)), int(np.floor(h1))
+    (lo_a, lo_b, vmin), (hi_a, hi_b, vmax), lo_index, hi_index = _tail_order_stats(
+        flat, [k0, min(k0 + 1, n - 1), 0], [k1, min(k1 + 1, n - 1), n - 1]
+    )
+    v0, v1 = _lerp(lo_a, lo_b, h0 - k0), _lerp(hi_a, hi_b, h1 - k1)
+    vmin, vmax = np.float32(vmin), np.float32(vmax)
+    if lo_index is None:
+        lower, upper = np.flatnonzero(flat < v0), np.flatnonzero(flat > v1)
+        lower_values, upper_values = flat[lower], flat[upper]
+    else:  # the pieces' voxels lie in the selected tails (v0 <= t_lo, v1 >= t_hi)
+        lo_values, hi_values = flat[lo_index], flat[hi_index]
+        in_lower, in_upper = np.less(lo_values, v0), np.greater(hi_values, v1)
+        lower, lower_values = np.compress(in_lower, lo_index), np.compress(in_lower, lo_values)
+        upper, upper_values = np.compress(in_upper, hi_index), np.compress(in_upper, hi_values)
+    # (the piece values are gathered above, before the middle piece overwrites the array)
+    flat -= v0
+    flat *= np.float32(0.8) / (v1 - v0) if v1 > v0 else np.float32(0.0)
+    flat += np.float32(0.1)
+    if lower.size:
+        lower_values -= vmin
+        lower_values *= np.float32(0.1) / (v0 - vmin)
+        flat[lower] = lower_values
+    if upper.size:
+        upper_values -= v1
+        upper_values *= np.float32(0.1) / (vmax - v1)
+        upper_values += np.float32(0.9)
+        flat[upper] = upper_values
+    return flat
 
 
 def adaptive_contrast(image: np.ndarray, p0: float, p1: float) -> np.ndarray:
@@ -92,29 +206,25 @@ def adaptive_contrast(image: np.ndarray, p0: float, p1: float) -> np.ndarray:
     ``numpy.percentile`` (linear method) over all elements; requires ``p0 <= 50 <= p1``. Runs in O(n): the
     two tails are selected, never sorted.
     """
-    flat = image.reshape(-1)
-    n = flat.size
-    h0, h1 = (n - 1) * (p0 / 100.0), (n - 1) * (p1 / 100.0)
-    k0, k1 = int(np.floor(h0)), int(np.floor(h1))
-    (lo_a, lo_b, vmin), lo_index = _order_stats(flat, [k0, min(k0 + 1, n - 1), 0], low_tail=True)
-    (hi_a, hi_b, vmax), hi_index = _order_stats(flat, [k1, min(k1 + 1, n - 1), n - 1], low_tail=False)
-    v0, v1 = _lerp(lo_a, lo_b, h0 - k0), _lerp(hi_a, hi_b, h1 - k1)
-    vmin, vmax = np.float32(vmin), np.float32(vmax)
-    out = np.subtract(flat, v0)
-    out *= np.float32(0.8) / (v1 - v0) if v1 > v0 else np.float32(0.0)
-    out += np.float32(0.1)
-    lower = np.flatnonzero(flat < v0) if lo_index is None else lo_index[flat[lo_index] < v0]
-    out[lower] = (flat[lower] - vmin) * (np.float32(0.1) / (v0 - vmin)) if lower.size else out[lower]
-    upper = np.flatnonzero(flat > v1) if hi_index is None else hi_index[flat[hi_index] > v1]
-    out[upper] = (flat[upper] - v1) * (np.float32(0.1) / (vmax - v1)) + np.float32(0.9) if upper.size else out[upper]
-    return out.reshape(image.shape)
+    out = np.array(image, dtype=np.float32, copy=True)
+    return _contrast_inplace(out.reshape(-1), p0, p1).reshape(image.shape)
 
 
-def gamma_correction(image: np.ndarray, gamma: float) -> np.ndarray:
+def _power_inplace(image: np.ndarray, gamma: float) -> None:
+    """``image **= gamma`` for ``image`` in [0, 1] as ``exp2(gamma * log2(image))``: three vectorised passes,
+    about twice as fast as ``np.power`` on float32, within 1e-7 (absolute) of it on [0, 1]; 0 stays 0."""
+    with np.errstate(divide="ignore"):
+        np.log2(image, out=image)
+    image *= np.float32(gamma)
+    np.exp2(image, out=image)
+
+
+def gamma_correction(image: np.ndarray, gamma: float, fast_power: bool = False) -> np.ndarray:
     """In place on a float32 array: ``((x - min) / (max - min)) ** gamma * (max - min) + min``.
 
     Constant arrays are returned unchanged; when min and max are 0 and 1 (the usual case after
-    :func:`adaptive_contrast`) the min-max steps are identities and are skipped.
+    :func:`adaptive_contrast`) the min-max steps are identities and are skipped. ``fast_power`` computes the
+    power as ``exp2(gamma * log2(.))`` (within 1e-7 absolute of ``np.power`` on the normalised [0, 1] data).
     """
     vmin, vmax = image.min(), image.max()
     if vmin >= vmax:
@@ -123,7 +233,10 @@ def gamma_correction(image: np.ndarray, gamma: float) -> np.ndarray:
     if rescale:
         image -= vmin
         image /= vmax - vmin
-    np.power(image, np.float32(gamma), out=image)
+    if fast_power:
+        _power_inplace(image, gamma)
+    else:
+        np.power(image, np.float32(gamma), out=image)
     if rescale:
         image *= vmax - vmin
         image += vmin
@@ -205,14 +318,15 @@ class RandPairCropForVolumeFusion(Randomizable, Transform):
 
     def _patch(self, image: torch.Tensor, i: int) -> np.ndarray:
         (x0, y0, z0), (sx, sy, sz) = self.crop_starts[i], self.crop_sizes[i]
-        patch = resize_linear(image[:, x0 : x0 + sx, y0 : y0 + sy, z0 : z0 + sz], self.spatial_size)
-        dims = [d + 1 for d in range(3) if self.flips[i, d]]
-        patch = (torch.flip(patch, dims) if dims else patch).numpy()
+        crop = image[:, x0 : x0 + sx, y0 : y0 + sy, z0 : z0 + sz]
+        patch = _resize(crop, self.spatial_size, self.flips[i])  # a new tensor: safe to modify in place
         check_finite("the cropped input volume", patch, image.shape)
-        if self.intensity_augment:
-            patch = gamma_correction(adaptive_contrast(patch, *self.percentiles[i]), self.gammas[i])
+        patch = patch.numpy()
+        if self.intensity_augment:  # contrast, gamma and inversion in place: one piecewise map, one power
+            flat = _contrast_inplace(patch.reshape(-1), *self.percentiles[i])
+            gamma_correction(flat, self.gammas[i], fast_power=True)
             if self.invert:
-                np.subtract(np.float32(1.0), patch, out=patch)
+                np.subtract(np.float32(1.0), flat, out=flat)
         return patch
 
     def __call__(self, img: NdarrayOrTensor, randomize: bool = True) -> tuple[NdarrayOrTensor, NdarrayOrTensor]:

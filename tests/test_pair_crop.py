@@ -176,10 +176,10 @@ def test_types_and_determinism(kind):
 
 def test_dict_form_and_pipeline():
     volume = _volume(10)
-    d = RandPairCropForVolumeFusiond(keys="image", foreground_key="image_fg", spatial_size=OUT).set_random_state(2)
+    d = RandPairCropForVolumeFusiond(keys="image", foreground_key="foreground", spatial_size=OUT).set_random_state(2)
     out = d({"image": volume})
     fg, bg = RandPairCropForVolumeFusion(OUT).set_random_state(2)(volume)
-    np.testing.assert_array_equal(out["image_fg"], fg)
+    np.testing.assert_array_equal(out["foreground"], fg)
     np.testing.assert_array_equal(out["image"], bg)
     fused = RandVolumeFusionGridd(block_size_min=(3, 3, 3), block_size_max=(6, 6, 6)).set_random_state(0)(out)
     assert fused["label"].shape == (1, *OUT) and fused["image"].dtype == np.float32

@@ -187,14 +187,14 @@ def test_determinism(cls):
 def test_dict_forwards_seed_and_writes_keys(dict_cls, array_cls):
     bg, fg = _pair(8)
     affine = torch.diag(torch.tensor([1.5, 1.5, 2.0, 1.0]))
-    data = {"image": MetaTensor(bg, affine=affine), "image_fg": MetaTensor(fg), "other": 1}
+    data = {"image": MetaTensor(bg, affine=affine), "foreground": MetaTensor(fg), "other": 1}
     small = _SMALL[array_cls]
     out = dict_cls(**small).set_random_state(5)(data)
     fused, label = array_cls(**small).set_random_state(5)(bg, fg)
     np.testing.assert_array_equal(out["label"].numpy(), label)
     np.testing.assert_array_equal(out["image"].numpy(), fused)
     assert torch.equal(out["image"].affine, affine) and torch.equal(out["label"].affine, affine)
-    assert out["other"] == 1 and out["image_fg"] is data["image_fg"]
+    assert out["other"] == 1 and out["foreground"] is data["foreground"]
     other = dict_cls(**small).set_random_state(6)(data)
     assert not torch.equal(other["label"], out["label"])
     t = dict_cls(background_key="a", foreground_key="b", label_key="c")
