@@ -1,0 +1,61 @@
+"""Datasets for Volume Fusion pretraining."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from monai.data import Dataset
+from monai.transforms import Randomizable, apply_transform
+
+__all__ = ["VolumePairDataset"]
+
+logger = logging.getLogger(__name__)
+
+
+class VolumePairDataset(Dataset, Randomizable):
+    """Each item is a datalist entry plus the image of ANOTHER random entry under ``foreground_key``.
+
+    VF-v1 fuses two different volumes; with this dataset every sample carries its own foreground volume, so
+    fusion can run per sample in the transform chain (``RandVolumeFusiond``). The partner is drawn uniformly
+    from the other entries on each access.
+
+    With ``seed`` set the dataset is a *fixed* set: item ``i`` always pairs with the same partner and the random
+    transforms are re-seeded with ``seed + i`` before each item, so validation sees identical fused samples in
+    every epoch and run.
+    """
+
+    def __init__(
+        self,
+        data: Sequence[Mapping[str, Any]],
+        transform: Callable | None = None,
+        image_key: str = "image",
+        foreground_key: str = "foreground",
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(data=data, transform=transform)
+        self.image_key, self.foreground_key, self.seed = image_key, foreground_key, seed
+        if len(data) < 2:
+            logger.warning("VolumePairDataset with %d volume(s): volumes are fused with themselves.", len(data))
+
+    def _partner(self, index: int) -> int:
+        n = len(self.data)
+        if n < 2:
+            return index
+        rng = np.random.RandomState(self.seed + index) if self.seed is not None else self.R
+        j = int(rng.randint(n - 1))
+        return j + 1 if j >= index else j
+
+    def randomize(self, data: Any = None) -> None:  # partners are drawn in _transform
+        pass
+
+    def _transform(self, index: int):
+        item = dict(self.data[index])
+        item[self.foreground_key] = self.data[self._partner(index)][self.image_key]
+        if self.transform is None:
+            return item
+        if self.seed is not None and isinstance(self.transform, Randomizable):
+            self.transform.set_random_state(seed=self.seed + index)
+        return apply_transform(self.transform, item)

@@ -1,0 +1,70 @@
+"""Engine pieces: on-device Volume Fusion batch preparation, a deep-supervision-aware sliding-window inferer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from monai.engines.utils import PrepareBatch
+from monai.inferers import SlidingWindowInferer
+from monai.utils import CommonKeys
+
+from misfm_transforms import volume_fusion_batch
+
+__all__ = ["VolumeFusionPrepareBatch", "DeepSupervisionSlidingWindowInferer"]
+
+
+class VolumeFusionPrepareBatch(PrepareBatch):
+    """``prepare_batch`` for ``SupervisedTrainer`` that builds VF-v1 samples on the training device.
+
+    The batch's images go to ``device``, then ``volume_fusion_batch`` fuses sample ``n`` with sample ``n - 1``
+    (foreground = another volume of the batch, as in the paper's code) and returns the fused images and the
+    ``(N, 1, *spatial)`` fusion-level labels. Box sizes are in the tensor's axis order (x, y, z for MONAI).
+    """
+
+    def __init__(
+        self,
+        num_levels: int = 4,
+        num_boxes: Sequence[int] = (10, 40),
+        box_size_min: Sequence[int] = (8, 8, 8),
+        box_size_max: Sequence[int] = (80, 80, 40),
+        image_key: str = CommonKeys.IMAGE,
+        seed: int | None = None,
+    ) -> None:
+        self.kwargs = dict(num_levels=num_levels, num_boxes=tuple(num_boxes), box_size_min=tuple(box_size_min),
+                           box_size_max=tuple(box_size_max))
+        self.image_key, self.seed = image_key, seed
+        self._generators: dict[str, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    def __call__(self, batchdata: dict[str, Any], device: str | torch.device | None = None,
+                 non_blocking: bool = False, **kwargs: Any):
+        images = batchdata[self.image_key]
+        if images.shape[0] < 2:
+            raise ValueError("on-device Volume Fusion needs at least 2 volumes per batch (batch_size >= 2).")
+        images = torch.as_tensor(images).to(device=device, non_blocking=non_blocking)
+        fused, labels = volume_fusion_batch(images, generator=self._generator(images.device), **self.kwargs)
+        return fused, labels
+
+
+class DeepSupervisionSlidingWindowInferer(SlidingWindowInferer):
+    """``SlidingWindowInferer`` that keeps only the full-resolution output of a deep-supervision network.
+
+    PCT-Net with ``deep_supervision=True`` returns ``[full, 1/2, 1/4, 1/8]`` in eval mode too; validation during
+    training uses the training network, so this inferer takes element 0. Plain networks pass through.
+    """
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any):
+        def _full_resolution(x: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
+            out = network(x, *a, **k)
+            return out[0] if isinstance(out, (list, tuple)) else out
+
+        return super().__call__(inputs, _full_resolution, *args, **kwargs)

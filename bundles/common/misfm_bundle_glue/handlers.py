@@ -1,0 +1,97 @@
+"""Checkpoint loading with a logged report, and a per-class metrics CSV writer (class names as columns)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from misfm_nets import load_pretrained
+
+__all__ = ["load_pretrained_weights", "PerClassMetricsWriter"]
+
+logger = logging.getLogger("misfm.bundle")
+
+
+def load_pretrained_weights(network: torch.nn.Module, checkpoint: str | None, mode: str = "encoder"):
+    """Fine-tuning entry point used by the bundles' ``initialize`` step.
+
+    ``checkpoint`` empty/None: train from scratch (logged). Otherwise load it with ``misfm_nets.load_pretrained``
+    (``mode="encoder"`` loads everything but the class-count-dependent heads, ``"all"`` everything that matches)
+    and log the LoadReport summary. A missing or foreign checkpoint raises before training starts.
+    """
+    if not checkpoint:
+        logger.info("pretrained_checkpoint is empty: training from scratch.")
+        return None
+    if not os.path.isfile(checkpoint):
+        raise ValueError(
+            f"pretrained_checkpoint {checkpoint!r} does not exist; pass the path of a PCT-Net checkpoint "
+            "(the pretraining bundle's models/model.pt or pctnet_ct10k_volf.pt) or '' to train from scratch."
+        )
+    report = load_pretrained(network, checkpoint, mode=mode)
+    logger.info("LoadReport for pretrained_checkpoint %s (mode=%s): %s", checkpoint, mode, report.summary())
+    return report
+
+
+class PerClassMetricsWriter:
+    """Write ``<save_dir>/<filename>``: one row per image, one column per (metric, class name), plus a mean row.
+
+    Attach to an evaluator whose metrics were created with ``save_details=True`` (MONAI ``MeanDice``,
+    ``HausdorffDistance``...). Works under DDP: filenames are gathered from every rank, rank 0 writes.
+    """
+
+    def __init__(self, save_dir: str, metric_names: Sequence[str], class_names: Sequence[str],
+                 filename: str = "per_class_metrics.csv", image_key: str = "image") -> None:
+        self.save_dir, self.metric_names, self.class_names = save_dir, list(metric_names), list(class_names)
+        self.filename, self.image_key = filename, image_key
+        self._files: list[str] = []
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self._files.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _collect(self, engine: Any) -> None:
+        batch = engine.state.batch
+        items = batch if isinstance(batch, list) else [batch]
+        for item in items:
+            meta = getattr(item.get(self.image_key), "meta", {}) or {}
+            name = meta.get("filename_or_obj", "")
+            names = name if isinstance(name, (list, tuple)) else [name]
+            self._files += [os.path.basename(str(n)) for n in names]
+
+    def _write(self, engine: Any) -> None:
+        import torch.distributed as dist
+
+        from monai.utils import string_list_all_gather
+
+        files = self._files
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            files = string_list_all_gather(files)
+            if dist.get_rank() != 0:
+                return
+        header, columns = ["filename"], []
+        for metric in self.metric_names:
+            details = engine.state.metric_details.get(metric)
+            if details is None:
+                raise ValueError(f"metric {metric!r} has no details: create it with save_details=True.")
+            values = np.asarray(torch.as_tensor(details).float().cpu()).reshape(len(files), -1)
+            names = self.class_names[-values.shape[1]:]  # metrics without background drop class 0
+            header += [f"{metric}_{n}" for n in names]
+            columns.append(values)
+        table = np.concatenate(columns, axis=1) if columns else np.zeros((len(files), 0))
+        os.makedirs(self.save_dir, exist_ok=True)
+        with open(os.path.join(self.save_dir, self.filename), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for name, row in zip(files, table):
+                writer.writerow([name] + [f"{v:.4f}" for v in row])
+            writer.writerow(["mean"] + [f"{v:.4f}" for v in np.nanmean(table, axis=0)] if len(table) else ["mean"])
+        logger.info("per-class metrics written to %s", os.path.join(self.save_dir, self.filename))
