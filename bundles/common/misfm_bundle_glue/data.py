@@ -16,11 +16,13 @@ logger = logging.getLogger(__name__)
 
 
 class VolumePairDataset(Dataset, Randomizable):
-    """Each item is a datalist entry plus the image of ANOTHER random entry under ``foreground_key``.
+    """Each item is a volume plus the image of ANOTHER random volume under ``foreground_key``.
 
     VF-v1 fuses two different volumes; with this dataset every sample carries its own foreground volume, so
     fusion can run per sample in the transform chain (``RandVolumeFusiond``). The partner is drawn uniformly
-    from the other entries on each access.
+    from the other entries on each access. ``data`` is a sequence of dicts, typically a ``CacheDataset`` of the
+    deterministic preprocessing (load, orientation, spacing, intensity), so that ``transform`` only holds the
+    random part (crops, fusion) and each volume is read and resampled once, not once per pairing.
 
     With ``seed`` set the dataset is a *fixed* set: item ``i`` always pairs with the same partner and the random
     transforms are re-seeded with ``seed + i`` before each item, so validation sees identical fused samples in

@@ -1,0 +1,71 @@
+"""Run a bundle workflow the way users do (``python -m monai.bundle run ...``), with a progress bar."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from tqdm import tqdm
+
+__all__ = ["BUNDLES_DIR", "BundleRunError", "run_bundle"]
+
+BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
+# MONAI's StatsHandler: "Epoch: 3/10, Iter: 4/5 -- train_loss: 0.6021"
+_ITERATION = re.compile(r"Epoch: (\d+)/(\d+), Iter: (\d+)/(\d+)")
+
+
+class BundleRunError(RuntimeError):
+    """A bundle command failed; the message names the command and the log with its full output."""
+
+
+def _override(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def run_bundle(
+    bundle: str,
+    workflow: str,
+    config_files: Sequence[str],
+    overrides: Mapping[str, object],
+    log_file: Path,
+    description: str,
+    launcher: Sequence[str] = (sys.executable, "-m"),
+) -> None:
+    """``python -m monai.bundle run <workflow>`` on ``bundles/<bundle>`` with ``--key value`` overrides.
+
+    The full output goes to ``log_file``; training iterations drive a progress bar.
+    """
+    root = BUNDLES_DIR / bundle
+    configs = [str(root / "configs" / name) for name in config_files]
+    cmd = [*launcher, "monai.bundle", "run", workflow,
+           "--meta_file", str(root / "configs" / "metadata.json"),
+           "--config_file", json.dumps(configs) if len(configs) > 1 else configs[0],
+           "--logging_file", str(root / "configs" / "logging.conf"),
+           "--bundle_root", str(root)]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", _override(value)]
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_file, "w") as log, tqdm(desc=description, unit="it", leave=True, dynamic_ncols=True) as bar:
+        log.write(" ".join(cmd) + "\n")
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        assert process.stdout is not None
+        for line in process.stdout:
+            log.write(line)
+            match = _ITERATION.search(line)
+            if match:
+                epoch, epochs, it, its = map(int, match.groups())
+                bar.total = epochs * its
+                bar.n = (epoch - 1) * its + it
+                loss = line.rsplit(":", 1)[-1].strip()
+                bar.set_postfix_str(f"loss {loss}", refresh=False)
+                bar.refresh()
+        code = process.wait()
+    if code:
+        tail = "".join(log_file.read_text().splitlines(keepends=True)[-25:])
+        raise BundleRunError(f"{description} failed (exit {code}); full log: {log_file}\n{tail}")
