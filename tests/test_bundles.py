@@ -255,7 +255,8 @@ def test_multi_gpu_train_torchrun_gloo(abdomen, tmp_path):
     ov = dict(overrides, data_list_file_path=str(datalist), output_dir=str(tmp_path / "eval"),
               ckpt_dir=str(tmp_path / "models"), max_epochs=1, val_interval=1, batch_size=1, pretrained_checkpoint="")
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    r = bu.run_bundle(bu.BUNDLES_DIR / "misfm_abdomen_ct_segmentation", "run",
+    # "training" (the documented id) must reach multi_gpu_train.json's "run" through the merged config
+    r = bu.run_bundle(bu.BUNDLES_DIR / "misfm_abdomen_ct_segmentation", "training",
                       ["train.json", "multi_gpu_train.json"], ov, tmp_path / "w",
                       launcher=[torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m"],
                       env={"OMP_NUM_THREADS": "1"})
