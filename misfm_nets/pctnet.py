@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence, Union
+import contextlib
+from typing import Iterator, List, Sequence, Union
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .conv_blocks import ConvBlock, ConvLayer, DownSample, UpCatBlock
-from .swin import SwinLayer
+from .swin import SwinLayer, WindowAttention
 
 __all__ = ["PCTNet", "RESOLUTION_MODE_SCALES", "UPSTREAM_CONFIG_KEYS"]
 
@@ -33,6 +35,34 @@ UPSTREAM_CONFIG_KEYS = {
 }
 
 
+@contextlib.contextmanager
+def _frozen_norm_stats(module: nn.Module) -> Iterator[None]:
+    """Undo the running-statistics update of every BatchNorm in ``module`` made inside the block.
+
+    Checkpointing runs a segment's forward a second time during backward; without this, BatchNorm would count
+    that batch twice and the running mean/var (so the eval-mode outputs) would differ from a plain run.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    saved = [[b.clone() for b in m.buffers()] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(norms, saved):
+                for b, old in zip(m.buffers(), buffers):
+                    b.copy_(old)
+
+
+def _maybe_checkpoint(enabled: bool, module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    """``module(*args)``, or the same through activation checkpointing (non-reentrant, RNG state preserved)."""
+    if not (enabled and module.training and torch.is_grad_enabled()):
+        return module(*args)
+    return checkpoint(
+        module, *args, use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _frozen_norm_stats(module)),
+    )
+
+
 class PatchEmbedding(nn.Module):
     """Convolutional stem: ``x -> (x0 full res, x1 after one pooling, x2 after two poolings)``."""
 
@@ -48,10 +78,12 @@ class PatchEmbedding(nn.Module):
         self.conv1 = ConvBlock(c1, c1, conv_dims[1], dropout[1])
         self.down1 = DownSample(c0, c1, down_dims[0], conv_dims[1])
         self.down2 = DownSample(c1, c2, down_dims[1], 3)
+        self.checkpointing = False
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        x0 = self.conv0(self.proj(x))
-        x1 = self.conv1(self.down1(x0))
+        ckpt = self.checkpointing
+        x0 = _maybe_checkpoint(ckpt, self.conv0, self.proj(x))
+        x1 = _maybe_checkpoint(ckpt, self.conv1, self.down1(x0))
         return [x0, x1, self.down2(x1)]
 
 
@@ -110,13 +142,15 @@ class PyramidConvTrans(nn.Module):
         self.convtrans_e4 = block(2, r4)
         self.out_conv2 = ConvLayer(c2, out_channels)
         self.out_conv3 = ConvLayer(c3, out_channels)
+        self.checkpointing = False
 
     def forward(self, x2: torch.Tensor) -> List[torch.Tensor]:
-        e2 = self.convtrans_e2(x2)
-        e3 = self.convtrans_e3(self.down3(e2))
-        e4 = self.convtrans_e4(self.down4(e3))
-        d3 = self.convtrans_d3(self.up4(e3, e4))
-        d2 = self.convtrans_d2(self.up3(e2, d3))
+        ckpt = self.checkpointing
+        e2 = _maybe_checkpoint(ckpt, self.convtrans_e2, x2)
+        e3 = _maybe_checkpoint(ckpt, self.convtrans_e3, self.down3(e2))
+        e4 = _maybe_checkpoint(ckpt, self.convtrans_e4, self.down4(e3))
+        d3 = _maybe_checkpoint(ckpt, self.convtrans_d3, self.up4(e3, e4))
+        d2 = _maybe_checkpoint(ckpt, self.convtrans_d2, self.up3(e2, d3))
         return [d2, d3]
 
 
@@ -135,10 +169,12 @@ class PredictionHead(nn.Module):
         self.conv1 = ConvBlock(c1, c1, conv_dims[1], dropout[1])
         self.out_conv0 = ConvLayer(c0, out_channels)
         self.out_conv1 = ConvLayer(c1, out_channels)
+        self.checkpointing = False
 
     def forward(self, x0: torch.Tensor, x1: torch.Tensor, d2: torch.Tensor) -> List[torch.Tensor]:
-        d1 = self.conv1(self.up2(x1, d2))
-        d0 = self.conv0(self.up1(x0, d1))
+        ckpt = self.checkpointing
+        d1 = _maybe_checkpoint(ckpt, self.conv1, _maybe_checkpoint(ckpt, self.up2, x1, d2))
+        d0 = _maybe_checkpoint(ckpt, self.conv0, _maybe_checkpoint(ckpt, self.up1, x0, d1))
         return [d0, d1]
 
 
@@ -167,6 +203,15 @@ class PCTNet(nn.Module):
             as MONAI's ``LoadImage`` gives them ``(N, C, X, Y, Z)``; inputs and outputs are then transposed
             inside the network, so MONAI pipelines, inferers and ``Invertd`` need no extra transform.
         drop_path: stochastic-depth rate of every Swin block (the original uses the constant 0.2).
+        checkpointing: activation checkpointing in training. ``True``: every ConvTransBlock of the pyramid and
+            every ConvBlock / UpCatBlock of the stem and head keeps only its input and recomputes its inside
+            during backward (least memory, most time). ``"attention"``: only the windowed softmax attention with
+            dropout (CPU training; the score tensors) is recomputed. Same outputs, gradients and BatchNorm
+            statistics as without.
+        channels_last: run the convolutions in ``torch.channels_last_3d`` layout (input converted inside,
+            outputs returned contiguous). Same results up to float rounding (dropout masks are drawn in memory
+            order, so in training they differ from the contiguous run's, with the same distribution); the
+            transformer tokens then need no layout copy.
 
     Shapes: ``(N, in_channels, *spatial) -> (N, out_channels, *spatial)`` (or the list of 4 with deep supervision).
 
@@ -193,6 +238,8 @@ class PCTNet(nn.Module):
         deep_supervision: bool = False,
         axis_order: str = "zyx",
         drop_path: float = 0.2,
+        checkpointing: Union[bool, str] = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if resolution_mode not in (0, 1, 2):
@@ -231,6 +278,33 @@ class PCTNet(nn.Module):
             PredictionHead(stem_channels, out_channels, _CONV_DIMS[m], _DOWN_DIMS[m], dropout[:2]) for m in range(3)
         )
         self._freeze_unused()
+        self.checkpointing = checkpointing
+        self.channels_last = channels_last
+
+    @property
+    def checkpointing(self) -> Union[bool, str]:
+        return self._checkpointing
+
+    @checkpointing.setter
+    def checkpointing(self, value: Union[bool, str]) -> None:
+        if value not in (True, False, "attention"):
+            raise ValueError(f"checkpointing must be True, False or 'attention', got {value!r}.")
+        self._checkpointing = value
+        for module in (*self.embeddings, self.pyramid_ct, *self.pred_heads):
+            module.checkpointing = value is True
+        for module in self.modules():
+            if isinstance(module, WindowAttention):
+                module.recompute_attention = value == "attention"
+
+    @property
+    def channels_last(self) -> bool:
+        return self._channels_last
+
+    @channels_last.setter
+    def channels_last(self, enabled: bool) -> None:
+        # Only 5-D tensors (conv weights) change layout; names, shapes and values of the state dict do not.
+        self._channels_last = bool(enabled)
+        self.to(memory_format=torch.channels_last_3d if enabled else torch.contiguous_format)
 
     def _freeze_unused(self) -> None:
         """Stems/heads of other modes (and deep-supervision heads when off) get no gradient: freeze them."""
@@ -254,12 +328,17 @@ class PCTNet(nn.Module):
                 )
         if self.transpose:
             x = x.permute(0, 1, 4, 3, 2)
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         x0, x1, x2 = self.embeddings[self.resolution_mode](x)
         d2, d3 = self.pyramid_ct(x2)
         head = self.pred_heads[self.resolution_mode]
         d0, d1 = head(x0, x1, d2)
-        out = head.out_conv0(d0)
-        if not self.deep_supervision:
-            return out.permute(0, 1, 4, 3, 2) if self.transpose else out
-        outs = [out, head.out_conv1(d1), self.pyramid_ct.out_conv2(d2), self.pyramid_ct.out_conv3(d3)]
-        return [o.permute(0, 1, 4, 3, 2) for o in outs] if self.transpose else outs
+        outs = [head.out_conv0(d0)]
+        if self.deep_supervision:
+            outs += [head.out_conv1(d1), self.pyramid_ct.out_conv2(d2), self.pyramid_ct.out_conv3(d3)]
+        if self.transpose:
+            outs = [o.permute(0, 1, 4, 3, 2) for o in outs]
+        if self._channels_last:
+            outs = [o.contiguous() for o in outs]
+        return outs if self.deep_supervision else outs[0]

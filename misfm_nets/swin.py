@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from monai.networks.layers import DropPath
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["relative_position_index", "WindowAttention", "SwinBlock", "SwinLayer"]
+__all__ = ["relative_position_index", "window_indices", "WindowAttention", "SwinBlock", "SwinLayer"]
 
 SHIFT_MASK_VALUE = -100.0
 
@@ -76,12 +77,55 @@ def shift_mask(padded_shape: Sequence[int], window_size: int, shift: int, device
     return torch.zeros(mask.shape, device=device).masked_fill(mask, SHIFT_MASK_VALUE)
 
 
+def window_indices(
+    batch: int, shape: Sequence[int], window_size: int, shift: int, device: torch.device
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row indices that turn pad (zeros at the end) + ``roll(-shift)`` + :func:`window_partition` into one gather.
+
+    For tokens flattened to ``(B*S*H*W [+ 1 zero row when padding is needed], C)``, ``gather`` picks the rows of
+    the windows ``(B, nW, ws**3, C)`` in order (padded positions pick the zero row); ``scatter`` picks, for every
+    token of the ``(B, S, H, W)`` grid, its row in the flattened windows, which undoes the partition, the shift
+    and the padding (the crop) in one more gather.
+    """
+    ws = window_size
+    s, h, w = shape
+    padded = [-(-n // ws) * ws for n in shape]
+    numel = s * h * w
+    grid = torch.full(padded, numel, dtype=torch.long, device=device)  # ``numel`` = the zero row
+    grid[:s, :h, :w] = torch.arange(numel, device=device).view(s, h, w)
+    if shift > 0:
+        grid = torch.roll(grid, shifts=(-shift, -shift, -shift), dims=(0, 1, 2))
+    windows = window_partition(grid[None, ..., None], ws).reshape(-1)  # (nW * N,) source rows per image
+    pad_row = numel * batch
+    offsets = torch.arange(batch, device=device)[:, None] * numel
+    gather = torch.where(windows == numel, pad_row, windows + offsets).reshape(-1)
+    slots = torch.empty(numel, dtype=torch.long, device=device)
+    real = windows != numel
+    slots[windows[real]] = torch.arange(windows.numel(), device=device)[real]
+    scatter = (slots + torch.arange(batch, device=device)[:, None] * windows.numel()).reshape(-1)
+    return gather, scatter
+
+
+def _attention_core(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, mask: Optional[torch.Tensor],
+    scale: float, dropout: float,
+) -> torch.Tensor:
+    """``dropout(softmax(q k^T * scale + bias + mask)) v`` on ``(B, nW, h, N, d)``; bias ``(h, N, N)``, mask
+    ``(nW, N, N)`` (broadcast, never expanded to one ``(nW*h, N, N)`` tensor)."""
+    attn = torch.matmul(q * scale, k.transpose(-2, -1)) + bias.to(q.dtype)
+    if mask is not None:
+        attn = attn + mask.unsqueeze(1).to(q.dtype)
+    return torch.matmul(F.dropout(attn.softmax(-1), dropout, True), v)
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside cubic windows with a learned relative-position bias.
 
     ``forward(windows (B, nW, N, C), mask (nW, N, N) or None) -> (B, nW, N, C)``, ``N = window_size**3``.
     The bias and the shift mask enter :func:`torch.nn.functional.scaled_dot_product_attention` as one
-    additive mask, so no ``(B*nW, heads, N, N)`` score tensor is kept for the backward pass.
+    additive mask, so no ``(B*nW, heads, N, N)`` score tensor is kept for the backward pass. Training with
+    attention dropout on the CPU (no fused CPU kernel does dropout) uses an explicit softmax with broadcast
+    bias and mask; ``recompute_attention = True`` recomputes it in backward so no score tensor is kept.
     """
 
     def __init__(
@@ -93,6 +137,7 @@ class WindowAttention(nn.Module):
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.attn_drop = attn_drop
+        self.recompute_attention = False  # see forward; set by PCTNet(checkpointing="attention")
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 3, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.register_buffer("relative_position_index", relative_position_index(window_size))
@@ -105,22 +150,31 @@ class WindowAttention(nn.Module):
         h = self.num_heads
         qkv = self.qkv(windows).view(b, nw, n, 3, h, c // h).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, d)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        attn_mask = bias.view(n, n, h).permute(2, 0, 1).unsqueeze(0)  # (1, h, N, N)
-        if mask is None:
+        bias = bias.view(n, n, h).permute(2, 0, 1)  # (h, N, N)
+        dropout = self.attn_drop if self.training else 0.0
+        if dropout > 0 and windows.device.type == "cpu" and torch.is_grad_enabled():
+            # The fused CPU kernel has no attention dropout (SDPA would fall back to its math path, keep the
+            # score, softmax and dropout tensors, and expand bias + mask to (nW*h, N, N)): compute explicitly
+            # with broadcast bias/mask; with ``recompute_attention`` the core is recomputed in backward
+            # instead of stored (RNG state replayed, so the same dropout mask).
+            q, k, v = qkv.unbind(0)
+            if self.recompute_attention:
+                out = checkpoint(_attention_core, q, k, v, bias, mask, self.scale, dropout, use_reentrant=False)
+            else:
+                out = _attention_core(q, k, v, bias, mask, self.scale, dropout)
+        elif mask is None:
             # one bias for every window: batch = (B * nW), broadcast over it
             q, k, v = qkv.reshape(3, b * nw, h, n, c // h).unbind(0)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype), dropout_p=dropout, scale=self.scale
+            )
         else:
             # bias + shift mask differ per window: heads = (nW * h), broadcast over B
-            attn_mask = (attn_mask + mask.unsqueeze(1)).reshape(1, nw * h, n, n)
+            attn_mask = (bias.unsqueeze(0) + mask.unsqueeze(1)).reshape(1, nw * h, n, n)
             q, k, v = qkv.reshape(3, b, nw * h, n, c // h).unbind(0)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask.to(q.dtype),
-            dropout_p=self.attn_drop if self.training else 0.0,
-            scale=self.scale,
-        )
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask.to(q.dtype), dropout_p=dropout, scale=self.scale
+            )
         out = out.view(b, nw, h, n, c // h).transpose(2, 3).reshape(b, nw, n, c)
         return self.proj_drop(self.proj(out))
 
@@ -170,27 +224,33 @@ class SwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self._mask_cache: Dict[str, torch.Tensor] = {}
 
-    def _shift_mask(self, padded: Tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    def _cached(self, key: str, build):
         if torch.jit.is_tracing():  # a cached tensor would enter the trace as a constant of another call
-            return shift_mask(padded, self.window_size, self.shift_size, device)
-        key = f"{padded}{device}"
+            return build()
         if key not in self._mask_cache:
-            self._mask_cache[key] = shift_mask(padded, self.window_size, self.shift_size, device)
+            self._mask_cache[key] = build()
         return self._mask_cache[key]
 
+    def _shift_mask(self, padded: Tuple[int, int, int], device: torch.device) -> torch.Tensor:
+        return self._cached(
+            f"mask{padded}{device}", lambda: shift_mask(padded, self.window_size, self.shift_size, device)
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, s, h, w, _ = x.shape
+        b, s, h, w, c = x.shape
         ws, shift = self.window_size, self.shift_size
         padded = (-(-s // ws) * ws, -(-h // ws) * ws, -(-w // ws) * ws)
-        y = F.pad(self.norm1(x), (0, 0, 0, padded[2] - w, 0, padded[1] - h, 0, padded[0] - s))
-        mask: Optional[torch.Tensor] = None
-        if shift > 0:
-            y = torch.roll(y, shifts=(-shift, -shift, -shift), dims=(1, 2, 3))
-            mask = self._shift_mask(padded, y.device)
-        y = window_reverse(self.attn(window_partition(y, ws), mask), ws, padded[0], padded[1], padded[2])
-        if shift > 0:
-            y = torch.roll(y, shifts=(shift, shift, shift), dims=(1, 2, 3))
-        x = x + self.drop_path(y[:, :s, :h, :w].contiguous())
+        gather, scatter = self._cached(
+            f"index{b}{(s, h, w)}{x.device}", lambda: window_indices(b, (s, h, w), ws, shift, x.device)
+        )
+        # Pad + roll + partition as one row gather (and its inverse as another): 1-2 copies instead of 5-7.
+        y = self.norm1(x).reshape(b * s * h * w, c)
+        if padded != (s, h, w):
+            y = F.pad(y, (0, 0, 0, 1))  # one zero row, the source of every padded token
+        y = y.index_select(0, gather).view(b, -1, ws**3, c)
+        mask = self._shift_mask(padded, x.device) if shift > 0 else None
+        y = self.attn(y, mask).reshape(-1, c).index_select(0, scatter).view(b, s, h, w, c)
+        x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
