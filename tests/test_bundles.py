@@ -327,25 +327,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-ISOLATED = r'''
-import runpy, sys
-REPO = {repo!r}
-sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
-sys.path_hooks[:] = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
-sys.path_importer_cache.clear()
-# drop the repository (and its bundles/), keep the venv's site-packages (torch, monai) even if it lives inside it
-sys.path[:] = [p for p in sys.path if p and p.rstrip("/") != REPO and not p.startswith(REPO + "/bundles")]
-for name in ("misfm_nets", "misfm_transforms", "misfm_bundle_glue"):
-    try:
-        __import__(name)
-    except ImportError:
-        pass
-    else:
-        raise SystemExit(f"isolation failed: {{name}} is importable")
-print("ISOLATED: misfm packages not importable")
-sys.argv = ["monai.bundle"] + sys.argv[1:]
-runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
-'''
+def _venv_without_misfm(path: Path) -> Path:
+    """A fresh virtual environment that sees this venv's third-party packages (torch, MONAI, ...) but not misfm.
+
+    Its ``.pth`` lists our site-packages as a plain path entry: the ``.pth`` files inside it, among them the
+    editable-install finder of misfm, are not processed, so misfm_* are not importable there.
+    """
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    python = path / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    ours = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (Path(site) / "third_party.pth").write_text("\n".join(ours) + "\n")
+    return python
 
 
 def test_zip_distribution_runs_without_repo(abdomen, tmp_path):
@@ -364,15 +358,17 @@ def test_zip_distribution_runs_without_repo(abdomen, tmp_path):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        script = tmp_path / "isolated.py"
-        script.write_text(ISOLATED.format(repo=str(bu.REPO)))
+        python = _venv_without_misfm(tmp_path / "venv")
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
         env.update(PYTHONNOUSERSITE="1", OMP_NUM_THREADS="2")
         work = tmp_path / "outside"
         work.mkdir()
+        probe = subprocess.run([str(python), "-c", "import monai, torch, misfm_nets"], cwd=work, env=env,
+                               capture_output=True, text=True)
+        assert probe.returncode != 0 and "No module named 'misfm_nets'" in probe.stderr, probe.stderr
         name = "misfm_abdomen_ct_segmentation"
         url = f"http://127.0.0.1:{server.server_address[1]}/{name}_v0.1.0.zip"
-        r = subprocess.run([sys.executable, "-I", str(script), "download", "--name", name, "--version", "0.1.0",
+        r = subprocess.run([str(python), "-m", "monai.bundle", "download", "--name", name, "--version", "0.1.0",
                             "--url", url, "--bundle_dir", str(work / "bundles")], cwd=work, env=env,
                            capture_output=True, text=True, timeout=120)
         _ok(r)
@@ -389,8 +385,7 @@ def test_zip_distribution_runs_without_repo(abdomen, tmp_path):
                 meta_file=str(bundle_dir / "configs" / "metadata.json"),
                 logging_file=str(bundle_dir / "configs" / "logging.conf"))
     (work / "args.json").write_text(json.dumps(args))
-    r = subprocess.run([sys.executable, "-I", str(script), "run", "--args_file", str(work / "args.json")], cwd=work,
+    r = subprocess.run([str(python), "-m", "monai.bundle", "run", "--args_file", str(work / "args.json")], cwd=work,
                        env=env, capture_output=True, text=True, timeout=300)
-    out = _ok(r)
-    assert "ISOLATED: misfm packages not importable" in out
+    _ok(r)
     assert len(list((work / "pred").glob("*_seg.nii.gz"))) == 2
