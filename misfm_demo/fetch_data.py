@@ -7,7 +7,7 @@ Usage::
 or, from Python, :func:`fetch_all` (returns ``{"pretraining": Path, "abdomen": Path, "thorax": Path}``).
 
 No data set hub is reachable from the project's machines, but PyPI and Debian are, and a few packages ship real
-CT (see ``/work/shared/reference/DATA_SOURCES.md``):
+CT (sources, sizes and sha256 below):
 
 1. TotalSegmentator 2.18.0 sdist (PyPI, Apache-2.0, **required**): abdomen CT + TotalSegmentator label map,
    a thorax CT angiography + heart/aorta labels, a 20-slice JPEG2000 DICOM series + its label map.

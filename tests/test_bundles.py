@@ -30,9 +30,8 @@ import bundle_utils as bu  # noqa: E402
 sys.path.insert(0, str(bu.BUNDLES_DIR))
 import build  # noqa: E402
 
-SCHEMA = Path("/work/shared/schema/meta_schema_20240725.json")
-if not SCHEMA.is_file():  # fall back to a copy next to the bundles (offline verification needs a local file)
-    SCHEMA = bu.BUNDLES_DIR / "common" / "meta_schema_20240725.json"
+# ../shared beside the checkout (as for the golden files): the zoo schema, read offline
+SCHEMA = Path(__file__).resolve().parents[1].parent / "shared" / "schema" / "meta_schema_20240725.json"
 
 
 def _ok(result: subprocess.CompletedProcess) -> str:
@@ -108,7 +107,14 @@ def test_bundle_layout(bundle):
 def test_verify_metadata_offline(bundle, tmp_path):
     from monai.bundle import verify_metadata
 
-    verify_metadata(meta_file=str(bu.BUNDLES_DIR / bundle / "configs" / "metadata.json"), filepath=str(SCHEMA))
+    assert SCHEMA.is_file(), f"{SCHEMA} missing: the repo expects ../shared beside the checkout"
+    meta_file = bu.BUNDLES_DIR / bundle / "configs" / "metadata.json"
+    verify_metadata(meta_file=str(meta_file), filepath=str(SCHEMA))
+    broken = json.loads(meta_file.read_text())
+    del broken["network_data_format"]  # required by the schema: the check must catch it
+    (tmp_path / "metadata.json").write_text(json.dumps(broken))
+    with pytest.raises(Exception, match="network_data_format"):
+        verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=str(SCHEMA))
 
 
 @pytest.mark.parametrize("bundle", bu.ALL_BUNDLES)
