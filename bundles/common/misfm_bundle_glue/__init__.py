@@ -13,10 +13,11 @@ from misfm_transforms import (
     volume_fusion_batch,
 )
 
-from .checks import check_datalist, check_fusion_options, load_datalist
+from .checks import check_config, check_datalist, check_fusion_options, load_datalist
 from .data import VolumePairDataset
 from .engines import DeepSupervisionSlidingWindowInferer, VolumeFusionPrepareBatch
 from .handlers import PerClassMetricsWriter, load_pretrained_weights
+from .resume import AtomicCheckpointSaver, TrainingCheckpointer, atomic_torch_save
 
 __all__ = [
     "PCTNet",
@@ -27,6 +28,7 @@ __all__ = [
     "RandPairCropForVolumeFusiond",
     "volume_fusion_batch",
     "check_datalist",
+    "check_config",
     "check_fusion_options",
     "load_datalist",
     "VolumePairDataset",
@@ -34,4 +36,7 @@ __all__ = [
     "VolumeFusionPrepareBatch",
     "PerClassMetricsWriter",
     "load_pretrained_weights",
+    "TrainingCheckpointer",
+    "AtomicCheckpointSaver",
+    "atomic_torch_save",
 ]

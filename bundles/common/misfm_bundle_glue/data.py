@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from monai.data import Dataset
 from monai.transforms import Randomizable, apply_transform
+from monai.utils import MAX_SEED
 
 __all__ = ["VolumePairDataset"]
 
@@ -52,6 +53,18 @@ class VolumePairDataset(Dataset, Randomizable):
 
     def randomize(self, data: Any = None) -> None:  # partners are drawn in _transform
         pass
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        """Seed the partner draw AND the random transforms.
+
+        MONAI's ``set_rnd`` (DataLoader worker init; the ``num_workers=0`` seeding) stops at the first object with
+        ``set_random_state``; without this override each worker would keep the transforms' random state forked
+        from the parent, so all workers produced the same crops / fusion boxes.
+        """
+        super().set_random_state(seed=seed, state=state)
+        if isinstance(self.transform, Randomizable):
+            self.transform.set_random_state(seed=int(self.R.randint(MAX_SEED, dtype="uint32")))
+        return self
 
     def _transform(self, index: int):
         item = dict(self.data[index])

@@ -33,7 +33,13 @@ def load_pretrained_weights(network: torch.nn.Module, checkpoint: str | None, mo
             f"pretrained_checkpoint {checkpoint!r} does not exist; pass the path of a PCT-Net checkpoint "
             "(the pretraining bundle's models/model.pt or pctnet_ct10k_volf.pt) or '' to train from scratch."
         )
-    report = load_pretrained(network, checkpoint, mode=mode)
+    try:
+        report = load_pretrained(network, checkpoint, mode=mode)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"pretrained_checkpoint {checkpoint!r} cannot initialise this bundle's network: {err} "
+            "Pass a PCT-Net checkpoint of the same widths (feature_channels / num_heads), or '' to train from scratch."
+        ) from err
     logger.info("LoadReport for pretrained_checkpoint %s (mode=%s): %s", checkpoint, mode, report.summary())
     return report
 

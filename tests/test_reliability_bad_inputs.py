@@ -1,0 +1,177 @@
+"""Bad-input corpus (tests/bad_inputs.py) against the bundles' input checks, the transforms used alone, and a
+representative handful through the real ``python -m monai.bundle run training`` subprocess.
+
+A bad input must either stop the run BEFORE training with a message naming the file and the problem (no
+traceback from a worker process, nothing written, an existing ``model.pt`` untouched) or be handled as documented
+in the bundles' docs/README.md ("Bad input": warn + count, dedupe, pad). Zip-slip (archive members escaping their
+folder) is covered by tests/test_fetch_data.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bad_inputs as bi  # noqa: E402
+import bundle_utils as bu  # noqa: E402
+
+sys.path.insert(0, str(bu.BUNDLES_DIR / "common"))
+import misfm_bundle_glue as glue  # noqa: E402
+
+THORAX = "misfm_thorax_ct_segmentation"
+
+def _params():
+    out = []
+    for name in bi.CASES:
+        if name.startswith("transform_"):
+            continue
+        kinds = ("segmentation",) if name.startswith(("label_", "datalist_entry_without_label")) else (
+            ("pretraining",) if name == "unknown_fusion_version" else ("segmentation", "pretraining"))
+        out += [pytest.param(name, k, id=f"{name}-{k}") for k in kinds]
+    return out
+
+
+def run_checks(case: bi.Case, kind: str) -> int:
+    """What the bundle's ``initialize`` step runs (validate_inputs + pretrained_report), with tiny settings."""
+    cfg = dict(roi_size=[32, 32, 16], resolution_mode=1, axis_order="xyz", learning_rate=1e-3, batch_size=2,
+               max_epochs=2, epoch_length=None, val_interval=1, checkpoint_interval=100, num_workers=0, cache_rate=1.0,
+               pixdim=[1.0, 1.0, 2.5], intensity_range=[-1000, 1000])
+    cfg.update({k: v for k, v in case.overrides.items() if k in cfg})
+    glue.check_config(**cfg)
+    if kind == "pretraining":
+        glue.check_fusion_options(case.overrides.get("fusion_version", "v1"), False, cfg["batch_size"])
+    if case.datalist_file is not None:
+        train = glue.load_datalist(str(case.datalist_file), "training")
+        val = glue.load_datalist(str(case.datalist_file), "validation")
+    else:
+        train, val = case.datalist["training"], case.datalist["validation"]
+    extra = dict(intensity_range=cfg["intensity_range"])
+    if kind == "segmentation":
+        n = glue.check_datalist(train, num_classes=bi.N_CLASSES, name="training", **extra)
+        if val:
+            glue.check_datalist(val, num_classes=bi.N_CLASSES, name="validation", **extra)
+    else:
+        n = glue.check_datalist(train, keys=["image"], label_key=None, name="training", **extra)
+        if val:
+            glue.check_datalist(val, keys=["image"], label_key=None, name="validation", **extra)
+    if case.overrides.get("pretrained_checkpoint"):
+        net = glue.PCTNet(1, bi.N_CLASSES, input_size=cfg["roi_size"], feature_channels=[4, 8, 16, 32, 64],
+                          num_heads=[2, 4, 8], axis_order="xyz", deep_supervision=kind == "segmentation")
+        glue.load_pretrained_weights(net, case.overrides["pretrained_checkpoint"], mode="encoder")
+    return n
+
+
+def test_corpus_size():
+    assert len(bi.CASES) >= 30
+    assert sum(n.startswith("transform_") for n in bi.CASES) >= 5
+
+
+@pytest.mark.parametrize("name,kind", _params())
+def test_bad_input_checks(name, kind, tmp_path, caplog):
+    case = bi.build_case(name, tmp_path)
+    caplog.set_level(logging.WARNING)
+    if case.expect == "error":
+        with pytest.raises(ValueError) as err:
+            run_checks(case, kind)
+        msg = str(err.value)
+        for w in case.words:
+            assert w in msg, f"{w!r} not in: {msg}"
+    else:
+        n = run_checks(case, kind)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        if case.expect == "warning":
+            text = "\n".join(warnings)
+            for w in case.words:
+                assert w in text, f"{w!r} not in warnings: {text}"
+        else:
+            assert not [w for w in warnings if "misfm" in w or ".nii" in w], warnings
+        if name == "datalist_duplicates":
+            assert n == 1  # three identical entries -> one
+
+
+@pytest.mark.parametrize("name", [n for n in bi.CASES if n.startswith("transform_")])
+def test_bad_input_transforms(name, tmp_path):
+    case = bi.build_case(name, tmp_path)
+    if case.expect == "error":
+        with pytest.raises(ValueError) as err:
+            case.call()
+        for w in case.words:
+            assert w in str(err.value)
+    else:
+        case.call()
+
+
+def test_small_image_is_padded_through_the_preprocessing(tmp_path):
+    """An image smaller than the roi goes through the bundle's real preprocessing and comes out roi-sized."""
+    from monai.bundle import ConfigParser
+
+    img, lab = bi._good(tmp_path, "small", shape=(24, 24, 12))
+    parser = ConfigParser()
+    parser.read_config(str(bu.BUNDLES_DIR / THORAX / "configs" / "train.json"))
+    parser.update({"bundle_root": str(bu.BUNDLES_DIR / THORAX), **bu.TINY_NET})
+    t = parser.get_parsed_content("train#preprocessing")
+    out = t({"image": str(img), "label": str(lab)})
+    out = out[0] if isinstance(out, list) else out
+    assert tuple(out["image"].shape) == (1, 32, 32, 16) and tuple(out["label"].shape) == (1, 32, 32, 16)
+
+
+def test_dataset_workers_get_different_transform_streams():
+    """VolumePairDataset.set_random_state seeds its transforms too (MONAI's set_rnd stops at the dataset)."""
+    import numpy as np
+    from monai.data.utils import set_rnd
+    from monai.transforms import Compose, RandSpatialCropd
+
+    t = Compose([RandSpatialCropd("image", [2, 2, 2], random_size=False)])
+    ds = glue.VolumePairDataset([{"image": np.zeros((1, 4, 4, 4))}] * 3, transform=t)
+    streams = []
+    for worker_seed in (11, 12):
+        set_rnd(ds, worker_seed)
+        streams.append(t.transforms[0].R.randint(1 << 30, size=4).tolist())
+    assert streams[0] != streams[1]
+
+
+# ------------------------------------------------------------------------------------------------ real subprocesses
+
+SUBPROCESS_CASES = [
+    ("image_nan", THORAX),
+    ("truncated_nii_gz", bu.PRETRAINING),
+    ("label_affine_differs", THORAX),
+    ("roi_not_divisible", bu.PRETRAINING),
+    ("foreign_pretrained_checkpoint", THORAX),
+    ("datalist_malformed_json", bu.PRETRAINING),
+]
+
+
+@pytest.mark.parametrize("name,bundle", SUBPROCESS_CASES)
+def test_bad_input_real_run(name, bundle, tmp_path):
+    case = bi.build_case(name, tmp_path / "case")
+    if case.datalist_file is not None:
+        dl_path = case.datalist_file
+    else:
+        dl_path = tmp_path / "datalist.json"
+        dl_path.write_text(json.dumps(case.datalist))
+    ckpt, out = tmp_path / "models", tmp_path / "eval"
+    ckpt.mkdir()
+    existing = os.urandom(4096)
+    (ckpt / "model.pt").write_bytes(existing)
+    tiny = bu.TINY_PRETRAIN if bundle == bu.PRETRAINING else bu.TINY_TRAIN
+    ov = dict(tiny, data_list_file_path=str(dl_path), dataset_dir=str(dl_path.parent), output_dir=str(out),
+              ckpt_dir=str(ckpt), checkpoint_interval=1)
+    ov.update(case.overrides)
+    r = bu.run_bundle(bu.BUNDLES_DIR / bundle, "training", ["train.json"], ov, tmp_path / "w",
+                      env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    tail = r.stderr[-6000:]
+    for w in case.words:
+        assert w in tail, f"{w!r} not in stderr tail:\n{tail}"
+    assert "Epoch:" not in r.stdout, "a training step ran"
+    assert "DataLoader worker" not in r.stderr and "_worker_loop" not in r.stderr
+    assert (ckpt / "model.pt").read_bytes() == existing, "an existing model.pt was changed"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["model.pt"], "a checkpoint was written"
+    assert not out.exists(), "outputs were written"
