@@ -15,7 +15,7 @@ from misfm_transforms import (
 
 from .checks import check_config, check_datalist, check_fusion_options, load_datalist
 from .data import VolumePairDataset
-from .engines import DeepSupervisionSlidingWindowInferer, VolumeFusionPrepareBatch
+from .engines import DeepSupervisionSlidingWindowInferer, VolumeFusionPrepareBatch, sync_batchnorm
 from .handlers import PerClassMetricsWriter, load_pretrained_weights
 from .resume import AtomicCheckpointSaver, TrainingCheckpointer, atomic_torch_save
 
@@ -34,6 +34,7 @@ __all__ = [
     "VolumePairDataset",
     "DeepSupervisionSlidingWindowInferer",
     "VolumeFusionPrepareBatch",
+    "sync_batchnorm",
     "PerClassMetricsWriter",
     "load_pretrained_weights",
     "TrainingCheckpointer",

@@ -12,7 +12,7 @@ from monai.utils import CommonKeys
 
 from misfm_transforms import volume_fusion_batch
 
-__all__ = ["VolumeFusionPrepareBatch", "DeepSupervisionSlidingWindowInferer"]
+__all__ = ["VolumeFusionPrepareBatch", "DeepSupervisionSlidingWindowInferer", "sync_batchnorm"]
 
 
 class VolumeFusionPrepareBatch(PrepareBatch):
@@ -68,3 +68,17 @@ class DeepSupervisionSlidingWindowInferer(SlidingWindowInferer):
             return out[0] if isinstance(out, (list, tuple)) else out
 
         return super().__call__(inputs, _full_resolution, *args, **kwargs)
+
+
+def sync_batchnorm(network: Any, enabled: bool, device: Any) -> Any:
+    """``multi_gpu_train.json``'s ``sync_batchnorm``: replace every BatchNorm with ``torch.nn.SyncBatchNorm`` (batch
+    statistics over the GLOBAL batch, all ranks) or return ``network`` unchanged. PyTorch's SyncBatchNorm runs on
+    CUDA (NCCL) only, not on CPU/gloo: asking for it on CPU is refused here, before any training step."""
+    if not enabled:
+        return network
+    if torch.device(device).type != "cuda":
+        raise ValueError(
+            f"sync_batchnorm=true needs CUDA devices (PyTorch's SyncBatchNorm does not run on {device}); "
+            "set sync_batchnorm=false (per-GPU BatchNorm statistics)."
+        )
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)

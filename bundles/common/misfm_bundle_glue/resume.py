@@ -10,6 +10,12 @@ trainer continues from that iteration: the iterator is recreated from the saved 
 are drawn again and dropped (data loading only, no training step), then the current states are restored, so on CPU
 the resumed run ends with the same weights as an uninterrupted one.
 
+Under ``torch.distributed`` (torchrun + ``multi_gpu_train.json``) only rank 0 writes the file, but it holds the
+random states of EVERY rank (gathered at each save; each rank's random transforms draw different numbers), and the
+world size. On resume every rank reads the same file (``ckpt_dir`` must be on a file system all ranks see), restores
+the weights/optimizer and its own random states; the ranks then check, collectively, that they all resumed from the
+same iteration (or all started from scratch) before the first step, so no rank trains from a different state.
+
 Every write goes to a temporary file in the same folder, is flushed and fsync'ed, then ``os.replace``'d over the
 target (and the folder fsync'ed): a kill at any moment leaves either the old or the new complete file.
 """
@@ -183,6 +189,27 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_gather(obj: Any) -> list:
+    """``obj`` of every rank (a list of one outside ``torch.distributed``)."""
+    if _world() == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _tag() -> str:
+    return f"[rank {_rank()}/{_world()}] " if _world() > 1 else ""
+
+
 def _unwrap(module: Any) -> Any:
     return module.module if isinstance(module, (torch.nn.parallel.DistributedDataParallel,
                                                 torch.nn.DataParallel)) else module
@@ -257,7 +284,11 @@ class TrainingCheckpointer:
         engine.add_event_handler(Events.STARTED, self._started)
 
     # -- save
-    def state(self, engine: Any) -> dict:
+    def _rank_rng(self) -> dict:
+        rng = capture_rng(self._randomizables)
+        return {"rng": rng, "iterator_rng": self._iterator_rng if self._iterator_rng is not None else rng}
+
+    def state(self, engine: Any, rank_rng: Sequence[dict] | None = None) -> dict:
         out: dict[str, Any] = {k: _unwrap(v).state_dict() for k, v in self.save_dict.items()}
         out["trainer"] = {"iteration": int(engine.state.iteration), "epoch": int(engine.state.epoch),
                           "epoch_length": int(engine.state.epoch_length), "max_epochs": int(engine.state.max_epochs)}
@@ -271,9 +302,11 @@ class TrainingCheckpointer:
         out["metric_savers"] = [
             [[float(p), str(f)] for p, f in h._key_metric_checkpoint.state_dict()["_saved"]] for h in self.metric_savers
         ]
-        out["rng"] = capture_rng(self._randomizables)
-        out["iterator_rng"] = self._iterator_rng if self._iterator_rng is not None else out["rng"]
+        rank_rng = list(rank_rng) if rank_rng is not None else [self._rank_rng()]
+        out["rng"], out["iterator_rng"] = rank_rng[0]["rng"], rank_rng[0]["iterator_rng"]  # rank 0 (format 1)
         out["batches_drawn"] = int(self._drawn)
+        out["world_size"] = len(rank_rng)
+        out["rank_rng"] = rank_rng[1:]  # ranks 1.. (empty for one process)
         out["format"] = 1
         return out
 
@@ -282,9 +315,11 @@ class TrainingCheckpointer:
         if self.interval <= 0 or it == self._last_saved:
             return
         self._last_saved = it
+        # collective under torch.distributed: every rank reaches the same iterations here (same interval/epochs)
+        rank_rng = _all_gather(self._rank_rng())
         if _rank() != 0:
             return
-        atomic_torch_save(self.state(engine), self.path, iteration=it)
+        atomic_torch_save(self.state(engine, rank_rng), self.path, iteration=it)
         logger.info("training checkpoint saved: %s (iteration %d, epoch %d)", self.path, it, engine.state.epoch)
 
     def _iteration_completed(self, engine: Any) -> None:
@@ -317,14 +352,41 @@ class TrainingCheckpointer:
             for name in remove_stale_temporaries(self.save_dir, self.filename):
                 logger.warning("removed %s: temporary file of an interrupted checkpoint write", name)
         if not self.resume:
-            logger.info("resume=false: training from the start (an existing %s will be overwritten).", self.path)
+            logger.info("%sresume=false: training from the start (an existing %s will be overwritten).", _tag(),
+                        self.path)
             return
-        if not os.path.isfile(self.path):
-            logger.info("no training checkpoint at %s: training from the start.", self.path)
+        if _world() == 1:
+            if not os.path.isfile(self.path):
+                logger.info("no training checkpoint at %s: training from the start.", self.path)
+                return
+            self.load(engine)
             return
-        self.load(engine)
+        import torch.distributed as dist
 
-    def load(self, engine: Any) -> None:
+        dist.barrier()  # rank 0 has removed stale temporaries; the file (if any) is the last complete one
+        # every rank decides and loads on its own, then all compare: a rank that failed or saw another file stops all
+        error, iteration = None, -1
+        try:
+            if os.path.isfile(self.path):
+                iteration = self.load(engine)
+            else:
+                logger.info("%sno training checkpoint at %s: training from the start.", _tag(), self.path)
+        except Exception as err:  # re-raised below, on every rank, after the collective
+            error = err
+        seen = _all_gather((iteration, None if error is None else f"{type(error).__name__}: {error}"))
+        if error is not None:
+            raise error
+        problems = [f"rank {r}: {msg}" for r, (_, msg) in enumerate(seen) if msg]
+        if problems:
+            raise RuntimeError("resume failed on another rank: " + "; ".join(problems))
+        if len({it for it, _ in seen}) != 1:
+            raise RuntimeError(
+                f"the ranks found different training checkpoints at {self.path!r} (iteration per rank, -1 = none: "
+                f"{[it for it, _ in seen]}): ckpt_dir must be on a file system shared by all ranks (only rank 0 "
+                "writes it)."
+            )
+
+    def load(self, engine: Any) -> int:
         try:
             ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as err:
@@ -332,6 +394,15 @@ class TrainingCheckpointer:
                 f"cannot read the training checkpoint {self.path!r} ({type(err).__name__}: {err}); delete it or "
                 "set resume=false to start over."
             ) from err
+        saved_world, world = int(ckpt.get("world_size", 1)), _world()
+        if saved_world != world:
+            raise ValueError(
+                f"training checkpoint {self.path!r} was written by {saved_world} process(es), this run has {world}: "
+                "each rank's data shard and random states would differ, it cannot resume exactly. Run with "
+                f"{saved_world} process(es), or delete it / set resume=false to start over."
+            )
+        rank = _rank()
+        mine = {"rng": ckpt["rng"], "iterator_rng": ckpt["iterator_rng"]} if rank == 0 else ckpt["rank_rng"][rank - 1]
         t = ckpt["trainer"]
         if t["epoch_length"] != engine.state.epoch_length:
             raise ValueError(
@@ -352,14 +423,15 @@ class TrainingCheckpointer:
         engine.state.iteration = iteration
         engine.state.epoch = iteration // engine.state.epoch_length
         self._last_saved = iteration
-        self._pending = {"iterator_rng": ckpt["iterator_rng"], "batches_drawn": int(ckpt["batches_drawn"]),
-                         "rng": ckpt["rng"]}
+        self._pending = {"iterator_rng": mine["iterator_rng"], "batches_drawn": int(ckpt["batches_drawn"]),
+                         "rng": mine["rng"]}
         if iteration >= engine.state.epoch_length * engine.state.max_epochs:
-            logger.info("resuming from iteration %d: %s says training is complete (max_epochs %d); nothing to do. "
-                        "Raise max_epochs to train further.", iteration, self.path, engine.state.max_epochs)
+            logger.info("%sresuming from iteration %d: %s says training is complete (max_epochs %d); nothing to do. "
+                        "Raise max_epochs to train further.", _tag(), iteration, self.path, engine.state.max_epochs)
         else:
-            logger.info("resuming from iteration %d (epoch %d, %d batches into it) of %s", iteration,
+            logger.info("%sresuming from iteration %d (epoch %d, %d batches into it) of %s", _tag(), iteration,
                         engine.state.epoch + 1, iteration % engine.state.epoch_length, self.path)
+        return iteration
 
 
 # ---------------------------------------------------------------------------------------------------- model.pt
