@@ -51,7 +51,7 @@ class Preset:
 PRESETS: Dict[str, Preset] = {
     # CPU presets load nothing in worker processes: volumes are cached once and worker threads would only
     # oversubscribe the cores the training step uses.
-    "cpu": Preset((8, 16, 32, 64, 128), (2, 4, 8), (64, 64, 32), (3.0, 3.0, 3.0), 10, 8, 20, 2, 0),
+    "cpu": Preset((8, 16, 32, 64, 128), (2, 4, 8), (64, 64, 32), (3.0, 3.0, 3.0), 10, 6, 20, 2, 0),
     "paper": Preset((24, 48, 128, 256, 512), (4, 8, 16), (128, 128, 64), (1.5, 1.5, 2.5), 100, 100, 200, 2, 8,
                     amp=True),
     "smoke": Preset((4, 8, 16, 32, 64), (2, 4, 8), (32, 32, 16), (4.0, 4.0, 4.0), 2, 2, 2, 2, 0),
@@ -201,7 +201,7 @@ def run_main_job(preset_name: str, output_dir: Path, data_dir: Path | None = Non
     thorax_work = out / "thorax_pretrained"
     run_bundle("misfm_thorax_ct_segmentation", "training", ["train.json"], {
         **_common_overrides(preset, thorax_work), "dataset_dir": str(thorax.parent),
-        "data_list_file_path": str(thorax), "max_epochs": preset.finetune_epochs,
+        "data_list_file_path": str(thorax), "max_epochs": max(preset.finetune_epochs // 2, 1),
         "pretrained_checkpoint": str(pretrained),
     }, logs / "thorax_pretrained.log", "[4/6] thorax fine-tuning (pretrained)")
 
@@ -259,7 +259,8 @@ def run_main_job(preset_name: str, output_dir: Path, data_dir: Path | None = Non
         f"misfm main job, preset '{preset_name}', {time.time() - started:.0f} s",
         f"network widths {tuple(preset.feature_channels)}, patch {tuple(preset.roi_size)} (x, y, z) at "
         f"{tuple(preset.pixdim)} mm; pretraining {preset.pretrain_epochs}x{preset.epoch_length} iterations, "
-        f"fine-tuning {preset.finetune_epochs}x{preset.epoch_length}",
+        f"fine-tuning {preset.finetune_epochs}x{preset.epoch_length} (thorax "
+        f"{max(preset.finetune_epochs // 2, 1)}x{preset.epoch_length})",
         "Dice against TotalSegmentator model outputs (not manual ground truth) on the unseen DICOM series:",
         f"  mean over {len(organs)} organs present: pretrained {np.mean(list(dice['pretrained'].values())):.3f}, "
         f"scratch {np.mean(list(dice['scratch'].values())):.3f}",
