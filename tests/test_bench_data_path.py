@@ -1,0 +1,20 @@
+"""The data-path benchmark runs on the real fetched CT and prints its table (no timing asserted)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from misfm_demo.fetch_data import fetch_all
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_data_path.py"
+
+
+def test_bench_data_path_prints_every_case():
+    datalist = fetch_all(quiet=True)["pretraining"]
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--datalist", str(datalist), "--samples", "2", "--roi", "32", "32", "16",
+         "--pixdim", "4", "4", "4"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split()[0] for line in done.stdout.splitlines() if line.rstrip().endswith("x")]  # table rows
+    assert rows == ["v1"] * 3 + ["v2"] * 3 + ["device"] * 3, done.stdout
+    assert "samples/s" in done.stdout and "volume_fusion_batch" in done.stdout
