@@ -128,3 +128,32 @@ def test_fast_power_accuracy():
         fast = gamma_correction(np.concatenate([x, np.float32([0, 1])]), gamma, fast_power=True)[: x.size]
         np.testing.assert_allclose(fast, np.power(x, np.float32(gamma)), rtol=0, atol=2e-7)
         assert fast[x == 0].max() == 0 and fast[x == 1].min() == 1
+
+
+@pytest.mark.parametrize("p0,p1", [(0.1, 99.9), (1.7, 98.2), (2.0, 98.0)])
+def test_contrast_range_equals_min_max(p0, p1):
+    """The output range derived from the exact order statistics equals the contrast output's min and max."""
+    arrays = list(_arrays()) + [("clipped", np.clip(np.random.RandomState(5).randn(20000), -1, 3).astype(np.float32))]
+    for name, flat in arrays:
+        out, out_min, out_max, finite = pair_crop._contrast_range_inplace(flat.copy(), p0, p1)
+        assert finite, name
+        assert (out_min, out_max) == (out.min(), out.max()), name
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("count", [1, 50, 10**6])
+def test_non_finite_caught_without_check_pass(bad, count):
+    """With intensity augmentation the finite check is the contrast's order statistics: one NaN/inf voxel in a
+    crop, many (the subsample thresholds themselves non-finite) or all of them raise the usual error."""
+    volume = np.random.RandomState(6).randn(1, 20, 32, 36).astype(np.float32)
+    flat = volume.reshape(-1)
+    flat[np.random.RandomState(7).permutation(flat.size)[: min(count, flat.size)]] = bad
+    for intensity in (True, False):
+        t = RandPairCropForVolumeFusion((12, 20, 24), scale_range=(1.0, 1.0), intensity_augment=intensity)
+        crop_all = RandPairCropForVolumeFusion((20, 32, 36), scale_range=(1.0, 1.0), intensity_augment=intensity)
+        message = r"non-finite values \(NaN or inf\) in the cropped input.*\(1, 20, 32, 36\)"
+        with pytest.raises(ValueError, match=message):
+            crop_all(volume)
+        if count > 1:
+            with pytest.raises(ValueError, match="non-finite"):
+                t.set_random_state(0)(volume)
