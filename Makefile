@@ -19,8 +19,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m misfm_demo
 
+# UTF-8 mode: the subprocess logs read by the tests hold non-ASCII text, whatever locale a library sets.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	PYTHONUTF8=1 $(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_volume_fusion.py

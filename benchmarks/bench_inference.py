@@ -138,7 +138,7 @@ def main() -> None:
                    "--roi", *map(str, args.roi), "--widths", args.widths, "--classes", str(args.classes),
                    "--overlap", str(args.overlap), "--sw-batch-size", str(args.sw_batch_size),
                    "--buffer-steps", str(args.buffer_steps), "--device", args.device, "--threads", str(args.threads)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            done = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace")
             if done.returncode:
                 sys.exit(f"case {case} failed:\n{done.stderr[-3000:]}")
             results[case] = json.loads(done.stdout.strip().splitlines()[-1])

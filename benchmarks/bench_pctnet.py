@@ -271,7 +271,7 @@ def main() -> None:
                "--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)]
         # A fixed mmap threshold makes glibc hand large freed blocks back at once, so RSS follows live tensors.
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072"))
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        done = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env)
         if done.returncode:
             sys.exit(f"case {case} failed:\n{done.stderr[-3000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])

@@ -51,9 +51,10 @@ def run_bundle(
         cmd += [f"--{key}", _override(value)]
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log_file, "w") as log, tqdm(desc=description, unit="it", leave=True, dynamic_ncols=True) as bar:
+    with open(log_file, "w", encoding="utf-8") as log, tqdm(desc=description, unit="it", leave=True, dynamic_ncols=True) as bar:
         log.write(" ".join(cmd) + "\n")
-        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8",
+                                   errors="replace", env=env)
         assert process.stdout is not None
         for line in process.stdout:
             log.write(line)
@@ -67,5 +68,5 @@ def run_bundle(
                 bar.refresh()
         code = process.wait()
     if code:
-        tail = "".join(log_file.read_text().splitlines(keepends=True)[-25:])
+        tail = "".join(log_file.read_text(encoding="utf-8").splitlines(keepends=True)[-25:])
         raise BundleRunError(f"{description} failed (exit {code}); full log: {log_file}\n{tail}")

@@ -334,7 +334,7 @@ def _pip_download(src: dict, dest_dir: Path, log: _Log, extra: list[str]) -> Pat
     ]  # fmt: skip
     log("running: " + " ".join(cmd[2:]))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=1800)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise FetchError(f"could not run pip download for {src['package']}: {exc}") from exc
     if proc.returncode != 0:
@@ -357,7 +357,7 @@ def _apt_download(src: dict, dest_dir: Path, log: _Log) -> Path:
     cmd = [apt, "download", f"{src['package']}={src['version']}"]
     log("running: apt-get download " + f"{src['package']}={src['version']}")
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=dest_dir, timeout=1800)
+        proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", cwd=dest_dir, timeout=1800)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise FetchError(f"could not run apt-get download: {exc}") from exc
     if proc.returncode != 0:

@@ -83,7 +83,7 @@ def _write_testing_datalist(path: Path, images: List[str]) -> Path:
 
 def _with_training_as_validation(datalist: Path, path: Path) -> Path:
     """The thorax source has one labelled case: validate on it too (a sanity check, said in the summary)."""
-    content = json.loads(datalist.read_text())
+    content = json.loads(datalist.read_text(encoding="utf-8"))
     for split in ("training", "validation"):
         content[split] = [{k: str((datalist.parent / v).resolve()) if k in ("image", "label") else v
                            for k, v in entry.items()} for entry in content["training"]]
@@ -93,7 +93,7 @@ def _with_training_as_validation(datalist: Path, path: Path) -> Path:
 
 
 def _labels(datalist: Path) -> Dict[int, str]:
-    return {int(k): v for k, v in json.loads(datalist.read_text())["labels"].items()}
+    return {int(k): v for k, v in json.loads(datalist.read_text(encoding="utf-8"))["labels"].items()}
 
 
 def _entries(datalist: Path, split: str) -> List[dict]:
@@ -246,7 +246,7 @@ def run_main_job(preset_name: str, output_dir: Path, data_dir: Path | None = Non
 
     dice_csv = out / "dice_pretrained_vs_scratch.csv"
     organs = list(dice["pretrained"])
-    with open(dice_csv, "w", newline="") as f:
+    with open(dice_csv, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["organ", "dice_pretrained", "dice_scratch"])
         for organ in organs:
@@ -269,7 +269,7 @@ def run_main_job(preset_name: str, output_dir: Path, data_dir: Path | None = Non
         "Thorax case (trained on it; a sanity check, not a generalisation figure): "
         + ", ".join(f"{o} {d:.3f}" for o, d in thorax_dice.items()),
     ]
-    summary.write_text("\n".join(lines) + "\n")
+    summary.write_text("\n".join(lines) + "\n", encoding="utf-8")
     outputs = {
         "summary": summary, "dice_csv": dice_csv, "vf_samples_png": vf_png, "montage_png": montage,
         "thorax_montage_png": thorax_montage, "segmentations": seg_dir, "pretrained_checkpoint": pretrained,

@@ -105,7 +105,7 @@ def run_bundle(bundle_dir: Path, run_id: str, configs, overrides: dict, workdir:
     full_env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1",
                     PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     full_env.update(env or {})
-    return subprocess.run(cmd, cwd=str(workdir), env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=str(workdir), env=full_env, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
 
 
 def read_scalars(log_dir: Path, tag: str) -> list[float]:

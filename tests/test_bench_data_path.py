@@ -13,7 +13,7 @@ def test_bench_data_path_prints_every_case():
     datalist = fetch_all(quiet=True)["pretraining"]
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--datalist", str(datalist), "--samples", "2", "--roi", "32", "32", "16",
-         "--pixdim", "4", "4", "4"], capture_output=True, text=True, timeout=600)
+         "--pixdim", "4", "4", "4"], capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split()[0] for line in done.stdout.splitlines() if line.rstrip().endswith("x")]  # table rows
     assert rows == ["v1"] * 3 + ["v2"] * 3 + ["device"] * 3, done.stdout

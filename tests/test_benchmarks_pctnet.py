@@ -10,7 +10,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _run(*args: str, timeout: int = 180) -> str:
-    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run([sys.executable, *args], capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 

@@ -342,7 +342,7 @@ def _venv_without_misfm(path: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
     python = path / "bin" / "python"
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                          check=True, capture_output=True, text=True).stdout.strip()
+                          check=True, capture_output=True, encoding="utf-8", errors="replace").stdout.strip()
     ours = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
     (Path(site) / "third_party.pth").write_text("\n".join(ours) + "\n")
     return python
@@ -370,13 +370,13 @@ def test_zip_distribution_runs_without_repo(abdomen, tmp_path):
         work = tmp_path / "outside"
         work.mkdir()
         probe = subprocess.run([str(python), "-c", "import monai, torch, misfm_nets"], cwd=work, env=env,
-                               capture_output=True, text=True)
+                               capture_output=True, encoding="utf-8", errors="replace")
         assert probe.returncode != 0 and "No module named 'misfm_nets'" in probe.stderr, probe.stderr
         name = "misfm_abdomen_ct_segmentation"
         url = f"http://127.0.0.1:{server.server_address[1]}/{name}_v0.1.0.zip"
         r = subprocess.run([str(python), "-m", "monai.bundle", "download", "--name", name, "--version", "0.1.0",
                             "--url", url, "--bundle_dir", str(work / "bundles")], cwd=work, env=env,
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, encoding="utf-8", errors="replace", timeout=120)
         _ok(r)
     finally:
         server.shutdown()
@@ -392,6 +392,6 @@ def test_zip_distribution_runs_without_repo(abdomen, tmp_path):
                 logging_file=str(bundle_dir / "configs" / "logging.conf"))
     (work / "args.json").write_text(json.dumps(args))
     r = subprocess.run([str(python), "-m", "monai.bundle", "run", "--args_file", str(work / "args.json")], cwd=work,
-                       env=env, capture_output=True, text=True, timeout=300)
+                       env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     _ok(r)
     assert len(list((work / "pred").glob("*_seg.nii.gz"))) == 2

@@ -72,7 +72,7 @@ def _popen(bundle: str, overrides: dict, workdir: Path, env: dict | None = None)
     full_env.update(ENV)
     full_env.update(env or {})
     return subprocess.Popen([bu.PYTHON, "-m", "monai.bundle", "run", "training", "--args_file", str(args_file)],
-                            cwd=str(workdir), env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=str(workdir), env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace")
 
 
 def _run(bundle, overrides, workdir, env=None) -> str:

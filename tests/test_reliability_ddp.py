@@ -101,7 +101,7 @@ def _popen(overrides: dict, workdir: Path, nproc: int = 2, extra_env: dict | Non
     env.update(extra_env or {})
     cmd = [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), "--log-dir", str(logs),
            "--tee", "3", "-m", "monai.bundle", "run", "training", "--args_file", str(workdir / f"args_{n}.json")]
-    p = subprocess.Popen(cmd, cwd=str(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    p = subprocess.Popen(cmd, cwd=str(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace",
                          start_new_session=True)
     return p, logs, audit
 

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_benchmark_quick_prints_table():
     pytest.importorskip("pymic")
     script = os.path.join(ROOT, "benchmarks", "bench_volume_fusion.py")
-    result = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    result = subprocess.run([sys.executable, script, "--quick"], capture_output=True, encoding="utf-8", errors="replace", timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for words in ("ours s", "pymic s", "speed-up", "target", "VF-v2", "VF-v1", "GB/s", "memory floor"):
