@@ -268,8 +268,10 @@ def test_multi_gpu_train_torchrun_gloo(abdomen, tmp_path):
                       env={"OMP_NUM_THREADS": "1"})
     _ok(r)
     assert (tmp_path / "models" / "model.pt").is_file()
-    # only rank 0 logs training progress (rank 1 handlers are dropped; see README "known limitations")
+    # only rank 0 logs: one process's progress lines, and TensorBoard files from one process (the pid in the name)
     assert r.stdout.count("Epoch: 1/1, Iter: 1/") == 1, r.stdout[-3000:]
+    events = list((tmp_path / "eval").rglob("events.out.tfevents.*"))
+    assert events and len({e.name.rsplit(".", 2)[1] for e in events}) == 1, [e.name for e in events]
 
 
 # ---------------------------------------------------------------------------------------------------- bad inputs
