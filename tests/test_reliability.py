@@ -82,26 +82,30 @@ def _run(bundle, overrides, workdir, env=None) -> str:
     return out
 
 
-def _run_and_kill(bundle, overrides, workdir, marker: str, env=None, timeout=120) -> str:
-    """Start training, SIGKILL it as soon as a stdout line contains ``marker``; return what it printed."""
-    p = _popen(bundle, overrides, workdir, env)
+def kill_on_marker(p: subprocess.Popen, marker: str, kill, timeout: float) -> str:
+    """Read ``p``'s output until a line contains ``marker``, then ``kill(p)`` (a SIGKILL); return what it printed."""
     lines, deadline = [], time.time() + timeout
     try:
         for line in p.stdout:
             lines.append(line)
             if marker in line:
-                os.kill(p.pid, signal.SIGKILL)
+                kill(p)
                 break
             assert time.time() < deadline, "timed out waiting for " + marker
         else:
             pytest.fail(f"the run ended before {marker!r}:\n{''.join(lines)[-4000:]}")
     finally:
         if p.poll() is None:
-            p.kill()
+            kill(p)
         p.wait(timeout=60)
         p.stdout.close()
     assert p.returncode == -signal.SIGKILL
     return "".join(lines)
+
+
+def _run_and_kill(bundle, overrides, workdir, marker: str, env=None, timeout=120) -> str:
+    """Start training, SIGKILL it as soon as a stdout line contains ``marker``; return what it printed."""
+    return kill_on_marker(_popen(bundle, overrides, workdir, env), marker, lambda p: p.kill(), timeout)
 
 
 def _load_ckpt(path: Path) -> dict:

@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -127,23 +126,7 @@ def _run(overrides, workdir, nproc=2) -> tuple[str, Path, Path]:
 def _run_and_kill(overrides, workdir, marker: str, extra_env=None, timeout=180) -> str:
     """SIGKILL torchrun AND its workers (the whole process group) when a line contains ``marker``."""
     p, _, _ = _popen(overrides, workdir, extra_env=extra_env)
-    lines, deadline = [], time.time() + timeout
-    try:
-        for line in p.stdout:
-            lines.append(line)
-            if marker in line:
-                os.killpg(p.pid, signal.SIGKILL)
-                break
-            assert time.time() < deadline, "timed out waiting for " + marker
-        else:
-            pytest.fail(f"the run ended before {marker!r}:\n{''.join(lines)[-4000:]}")
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-        p.wait(timeout=60)
-        p.stdout.close()
-    assert p.returncode == -signal.SIGKILL
-    return "".join(lines)
+    return tr.kill_on_marker(p, marker, lambda q: os.killpg(q.pid, signal.SIGKILL), timeout)
 
 
 def _assert_rank1_quiet(logs: Path, audit: Path, ckpt_dir: Path) -> str:
