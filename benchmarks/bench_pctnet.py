@@ -1,9 +1,11 @@
 """PCT-Net training-step time and peak memory: ours (with its options) against the original algorithm.
 
-Each case runs in a fresh subprocess (so peak memory belongs to that case alone): build the net, one warm-up
-step, then ``--steps`` timed forward+backward+Adam steps (median). "Peak" is the high-water mark of the process
-RSS (warm-up included) minus the RSS before the timed steps on CPU (glibc's mmap threshold is fixed so freed
-tensors leave the RSS), or ``torch.cuda.max_memory_allocated`` on GPU.
+Each case runs in fresh subprocesses (so peak memory belongs to that case alone): build the net, one warm-up
+step, then ``--steps`` timed forward+backward+Adam steps (median), with the allocator as users have it. On CPU the
+peak comes from a second subprocess (warm-up + one step) with glibc's mmap threshold fixed at 128 KiB, so freed
+tensors leave the RSS at once and its high-water mark follows the live tensors: "peak" is that mark minus the RSS
+before the step (that setting makes every large allocation fault its pages in again, so it is not used for
+timing). On GPU, ``torch.cuda.max_memory_allocated`` of the timed run.
 
 The baseline is a straightforward implementation of the same network, as the original code computes it: the
 Swin branch works on ``flatten(2).transpose(1, 2)`` tokens, every block calls ``F.pad``, rolls, partitions and
@@ -43,6 +45,7 @@ VARIANTS = {
     "misfm+ckattn": (False, {"checkpointing": "attention"}, False),
     "misfm+ckpt": (False, {"checkpointing": True}, False),
     "misfm+ckpt+cl": (False, {"checkpointing": True, "channels_last": True}, False),
+    "misfm+ckattn+cl": (False, {"checkpointing": "attention", "channels_last": True}, False),
     "misfm+bf16": (False, {}, True),
     "baseline+bf16": (True, {}, True),
 }
@@ -53,6 +56,7 @@ DESCRIPTIONS = {
     "misfm+ckattn": "misfm, checkpointing='attention'",
     "misfm+ckpt": "misfm, checkpointing",
     "misfm+ckpt+cl": "misfm, checkpointing + channels_last",
+    "misfm+ckattn+cl": "misfm, checkpointing='attention' + channels_last",
     "misfm+bf16": "misfm, bf16 autocast",
     "baseline+bf16": "original algorithm, bf16 autocast",
 }
@@ -117,10 +121,13 @@ def straightforward_conv_trans(self, x):
 
 
 def install_straightforward() -> None:
-    """Make every PCTNet built afterwards in this process compute as the original code does."""
+    """Make every PCTNet built afterwards in this process compute as the original code does, on stock PyTorch
+    layers (``nn.Conv3d``, ``nn.Dropout``: our fast CPU layers fall back to them)."""
+    from misfm_nets import fast_cpu
     from misfm_nets.pctnet import ConvTransBlock
 
     ConvTransBlock.forward = straightforward_conv_trans
+    fast_cpu.uses_fast_cpu_path = lambda x: False
 
 
 def _rss_bytes() -> int:
@@ -142,6 +149,7 @@ def build(preset: str, variant: str, device: str, deep_supervision: bool = True)
 
 
 def run_case(preset: str, variant: str, device: str, steps: int, batch: int = 1) -> dict:
+    """Median step seconds and peak bytes (meaningful on CPU only under the fixed mmap threshold, see top)."""
     import torch
 
     amp = VARIANTS[variant][2]
@@ -266,19 +274,26 @@ def main() -> None:
           f"{'x'.join(map(str, cfg['size']))}, {cfg['kwargs'] or 'default widths (24,48,128,256,512)'}, "
           f"device {args.device}, {os.cpu_count()} CPUs, median of {args.steps} steps after 1 warm-up")
 
-    def sub(case: str) -> dict:
+    def sub(case: str, steps: int = args.steps, fixed_mmap_threshold: bool = False) -> dict:
         cmd = [sys.executable, __file__, "--case", case, "--preset", args.preset, "--device", args.device,
-               "--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)]
-        # A fixed mmap threshold makes glibc hand large freed blocks back at once, so RSS follows live tensors.
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072"))
+               "--steps", str(steps), "--batch", str(args.batch), "--threads", str(args.threads)]
+        env = dict(os.environ)
+        if fixed_mmap_threshold:  # glibc hands large freed blocks back at once: RSS follows the live tensors
+            env["MALLOC_MMAP_THRESHOLD_"] = "131072"
         done = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env)
         if done.returncode:
             sys.exit(f"case {case} failed:\n{done.stderr[-3000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
 
+    def measure(case: str) -> dict:
+        result = sub(case)
+        if args.device == "cpu":
+            result["peak_bytes"] = sub(case, steps=1, fixed_mmap_threshold=True)["peak_bytes"]
+        return result
+
     if args.check:
         print(f"max |ours - baseline| over outputs and gradients of one step (eval mode): {sub('check')['max_diff']:.2e}")
-    results = {v: sub(v) for v in variants}
+    results = {v: measure(v) for v in variants}
     base = results.get("baseline", next(iter(results.values())))
     print(f"{'variant':<44}{'step s':>9}{'min s':>8}{'peak MiB':>10}{'time ratio':>12}{'mem ratio':>11}")
     for v, r in results.items():

@@ -1,8 +1,10 @@
 """Convolutional building blocks of PCT-Net.
 
 All blocks are "pre-activation" (BatchNorm -> PReLU -> Conv) with one shared PReLU parameter, as in the original
-MIS-FM code. Their ``nn.Sequential`` layouts fix the state-dict names (``conv_conv.{0,1,2,3,4,6}``,
-``conv.{0,1,2}``, ``up.{0,1,2}``), which must not change or the published checkpoint stops loading.
+MIS-FM code; :func:`~misfm_nets.fast_cpu.pre_activation_conv` computes each such triple (in CPU training it keeps
+only the block input for backward). Their ``nn.Sequential`` layouts fix the state-dict names
+(``conv_conv.{0,1,2,3,4,6}``, ``conv.{0,1,2}``, ``up.{0,1,2}``), which must not change or the published checkpoint
+stops loading.
 
 Every block works on ``(N, C, D, H, W)`` tensors with D the slice axis. ``dim=2`` means "in-plane only":
 kernels ``[1, 3, 3]`` and pooling/up-sampling factors ``[1, 2, 2]``, which leave the slice axis untouched.
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .fast_cpu import Conv3d, Dropout, pre_activation_conv
 
 __all__ = ["ConvBlock", "ConvLayer", "DownSample", "UpCatBlock"]
 
@@ -33,7 +37,7 @@ def _factor(dim: int) -> tuple[int, int, int]:
 
 
 def _pre_activation_conv(in_channels: int, out_channels: int, kernel, padding) -> list[nn.Module]:
-    return [nn.BatchNorm3d(in_channels), nn.PReLU(), nn.Conv3d(in_channels, out_channels, kernel, padding=padding)]
+    return [nn.BatchNorm3d(in_channels), nn.PReLU(), Conv3d(in_channels, out_channels, kernel, padding=padding)]
 
 
 class ConvBlock(nn.Module):
@@ -46,12 +50,13 @@ class ConvBlock(nn.Module):
             *_pre_activation_conv(in_channels, out_channels, kernel, padding),
             nn.BatchNorm3d(out_channels),
             nn.PReLU(),
-            nn.Dropout(dropout),
-            nn.Conv3d(out_channels, out_channels, kernel, padding=padding),
+            Dropout(dropout),
+            Conv3d(out_channels, out_channels, kernel, padding=padding),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_conv(x)
+        norm1, act1, conv1, norm2, act2, drop, conv2 = self.conv_conv
+        return pre_activation_conv(norm2, act2, conv2, pre_activation_conv(norm1, act1, conv1, x), drop)
 
 
 class DownSample(nn.Module):
@@ -65,7 +70,7 @@ class DownSample(nn.Module):
         self.conv = nn.Sequential(*_pre_activation_conv(in_channels, out_channels, kernel, padding))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.down(x))
+        return pre_activation_conv(*self.conv, self.down(x))
 
 
 class UpCatBlock(nn.Module):
@@ -86,7 +91,7 @@ class UpCatBlock(nn.Module):
         self.conv = nn.Sequential(*_pre_activation_conv(2 * low_channels, low_channels, kernel, padding))
 
     def forward(self, x_low: torch.Tensor, x_high: torch.Tensor) -> torch.Tensor:
-        return self.conv(torch.cat([x_low, self.up(x_high)], dim=1))
+        return pre_activation_conv(*self.conv, torch.cat([x_low, self.up(x_high)], dim=1))
 
 
 class ConvLayer(nn.Module):

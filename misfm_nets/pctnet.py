@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .conv_blocks import ConvBlock, ConvLayer, DownSample, UpCatBlock
+from .fast_cpu import Conv3d, Dropout
 from .swin import SwinLayer, WindowAttention
 
 __all__ = ["PCTNet", "RESOLUTION_MODE_SCALES", "UPSTREAM_CONFIG_KEYS"]
@@ -73,7 +74,7 @@ class PatchEmbedding(nn.Module):
         super().__init__()
         c0, c1, c2 = channels
         kernel, padding = ((3, 3, 3), 1) if conv_dims[0] == 3 else ((1, 3, 3), (0, 1, 1))
-        self.proj = nn.Conv3d(in_channels, c0, kernel, padding=padding)
+        self.proj = Conv3d(in_channels, c0, kernel, padding=padding)
         self.conv0 = ConvBlock(c0, c0, conv_dims[0], dropout[0])
         self.conv1 = ConvBlock(c1, c1, conv_dims[1], dropout[1])
         self.down1 = DownSample(c0, c1, down_dims[0], conv_dims[1])
@@ -100,7 +101,7 @@ class ConvTransBlock(nn.Module):
             channels, input_resolution, depth, num_heads, window_size, drop=dropout, attn_drop=dropout,
             drop_path=drop_path,
         )
-        self.pos_drop = nn.Dropout(dropout)
+        self.pos_drop = Dropout(dropout)
         # Present in the original (and so in its checkpoints) but never used; frozen so DDP needs no
         # find_unused_parameters.
         self.norm_layer = nn.LayerNorm(channels).requires_grad_(False)
@@ -212,6 +213,11 @@ class PCTNet(nn.Module):
             outputs returned contiguous). Same results up to float rounding (dropout masks are drawn in memory
             order, so in training they differ from the contiguous run's, with the same distribution); the
             transformer tokens then need no layout copy.
+
+    Float32 training on the CPU runs on the layers of :mod:`misfm_nets.fast_cpu`: oneDNN for the small
+    convolutions PyTorch would send to its im2col kernel, 1-byte dropout masks (``p`` rounded to a multiple of
+    2**-15, drawn from torch's generator in another order than ``nn.Dropout``), BatchNorm-PReLU-conv triples and
+    attention that keep only what backward cannot cheaply recompute. The network and its gradients are the same.
 
     Shapes: ``(N, in_channels, *spatial) -> (N, out_channels, *spatial)`` (or the list of 4 with deep supervision).
 

@@ -24,6 +24,8 @@ from monai.networks.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .fast_cpu import Dropout, softmax_dropout_matmul
+
 __all__ = ["relative_position_index", "window_indices", "WindowAttention", "SwinBlock", "SwinLayer"]
 
 SHIFT_MASK_VALUE = -100.0
@@ -112,10 +114,11 @@ def _attention_core(
 ) -> torch.Tensor:
     """``dropout(softmax(q k^T * scale + bias + mask)) v`` on ``(B, nW, h, N, d)``; bias ``(h, N, N)``, mask
     ``(nW, N, N)`` (broadcast, never expanded to one ``(nW*h, N, N)`` tensor)."""
-    attn = torch.matmul(q * scale, k.transpose(-2, -1)) + bias.to(q.dtype)
+    attn = torch.matmul(q * scale, k.transpose(-2, -1))
+    attn += bias.to(q.dtype)
     if mask is not None:
-        attn = attn + mask.unsqueeze(1).to(q.dtype)
-    return torch.matmul(F.dropout(attn.softmax(-1), dropout, True), v)
+        attn += mask.unsqueeze(1).to(q.dtype)
+    return softmax_dropout_matmul(attn, v, dropout)
 
 
 class WindowAttention(nn.Module):
@@ -143,7 +146,7 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(window_size))
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = Dropout(proj_drop)
 
     def forward(self, windows: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, nw, n, c = windows.shape
@@ -187,7 +190,7 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop = nn.Dropout(drop)
+        self.drop = Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))

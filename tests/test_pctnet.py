@@ -28,6 +28,17 @@ def golden_net(golden: dict) -> PCTNet:
     return PCTNet(**{UPSTREAM_CONFIG_KEYS[k]: v for k, v in golden["config"].items()})
 
 
+# The original's float32 golden outputs differ from a float64 run of the same network by up to 1.2e-6 x max|output|
+# (test_golden_outputs_are_float32_roundings_of_ours); the rounding error follows the size of the activations, not
+# of each output value. Our float32 run, with other kernels and summation orders (oneDNN, channels-last, batched
+# products), must stay within a few times that.
+GOLDEN_ATOL_PER_MAX = 4e-6
+
+
+def assert_close_to_golden(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    torch.testing.assert_close(ours, ref, atol=GOLDEN_ATOL_PER_MAX * float(ref.abs().max()), rtol=0)
+
+
 @pytest.mark.parametrize("mode", [0, 1, 2])
 def test_golden_outputs(mode):
     golden = load_golden(mode)
@@ -40,7 +51,20 @@ def test_golden_outputs(mode):
     assert len(outputs) == len(golden["outputs"]) == 4
     for ours, ref in zip(outputs, golden["outputs"]):
         assert ours.shape == ref.shape
-        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+        assert_close_to_golden(ours, ref)
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_golden_outputs_are_float32_roundings_of_ours(mode):
+    # Our network in float64 is the exact function; the original's float32 outputs must be its rounding.
+    golden = load_golden(mode)
+    net = golden_net(golden).eval()
+    net.load_state_dict(golden["state_dict"], strict=False)
+    with torch.no_grad():
+        exact = net.double()(golden["input"].double())
+    for ours, ref in zip(exact, golden["outputs"]):
+        err = float((ours - ref.double()).abs().max())
+        assert err <= 1.5e-6 * float(ref.abs().max()), err
 
 
 def test_default_state_dict_layout_and_size():
@@ -120,7 +144,7 @@ def test_other_sizes_run_and_the_built_size_is_unchanged():
         bigger = net(torch.randn(1, 1, 48, 96, 80))  # multiples of (8, 16, 16), not the built 32x64x64
         again = net(golden["input"])  # masks for the built shape still right after another shape was cached
     assert [tuple(o.shape[2:]) for o in bigger] == [(48, 96, 80), (48, 48, 40), (24, 24, 20), (12, 12, 10)]
-    torch.testing.assert_close(again[0], golden["outputs"][0], atol=1e-5, rtol=0)
+    assert_close_to_golden(again[0], golden["outputs"][0])
 
 
 def test_sizes_not_divisible_are_refused_with_the_divisor():
@@ -148,7 +172,7 @@ def test_xyz_axis_order_equals_transposing_around_the_original():
     with torch.no_grad():
         outs = xyz(x_zyx.permute(0, 1, 4, 3, 2))  # as MONAI's LoadImage gives it: (N, C, x, y, z)
     for ours, ref in zip(outs, golden["outputs"]):
-        torch.testing.assert_close(ours, ref.permute(0, 1, 4, 3, 2), atol=1e-5, rtol=0)
+        assert_close_to_golden(ours, ref.permute(0, 1, 4, 3, 2))
 
 
 def test_torchscript_trace_round_trip():

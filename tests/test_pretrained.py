@@ -10,7 +10,7 @@ from monai.networks.nets import UNet
 
 from misfm_nets import PCTNet, load_pretrained
 
-from test_pctnet import golden_net, load_golden
+from test_pctnet import assert_close_to_golden, golden_net, load_golden
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def golden():
 def _assert_same_outputs(net, golden):
     with torch.no_grad():
         outs = net.eval()(golden["input"])
-    torch.testing.assert_close(outs[0], golden["outputs"][0], atol=1e-5, rtol=0)
+    assert_close_to_golden(outs[0], golden["outputs"][0])
 
 
 def test_plain_state_dict_loads_everything(golden, caplog):

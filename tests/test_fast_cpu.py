@@ -1,0 +1,201 @@
+"""The fast CPU layers compute what the PyTorch layers they replace compute, with the kernels we claim."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from misfm_nets.fast_cpu import Conv3d, Dropout, _keep_mask, dropout, softmax_dropout_matmul
+
+
+def _profiled_ops(fn) -> set:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def _outputs_and_grads(conv: nn.Module, x: torch.Tensor, channels_last: bool = False):
+    x = x.clone().requires_grad_()
+    inp = x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
+    y = conv(inp)
+    y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+    return y.detach(), x.grad, conv.weight.grad, conv.bias.grad
+
+
+@pytest.mark.parametrize(
+    "shape, out_channels, kernel, padding",
+    [
+        ((1, 8, 8, 16, 16), 8, (3, 3, 3), 1),  # small: PyTorch would take slow_conv3d
+        ((1, 4, 6, 12, 10), 6, (1, 3, 3), (0, 1, 1)),  # in-plane kernel, odd sizes
+        ((1, 6, 4, 8, 8), 5, (3, 3, 3), 1),  # odd out channels: stock path
+        ((2, 4, 8, 8, 8), 4, (3, 3, 3), 1),  # batch 2: PyTorch already uses oneDNN
+        ((1, 12, 5, 6, 7), 3, 1, 0),  # pointwise
+    ],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv3d_matches_torch(shape, out_channels, kernel, padding, channels_last):
+    torch.manual_seed(0)
+    ours = Conv3d(shape[1], out_channels, kernel, padding=padding)
+    ref = nn.Conv3d(shape[1], out_channels, kernel, padding=padding)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(shape)
+    for a, b in zip(_outputs_and_grads(ours, x, channels_last), _outputs_and_grads(ref, x, channels_last)):
+        # float32 sums in another order: tolerance on the scale of each tensor
+        torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, float(b.abs().max())), rtol=1e-5)
+
+
+def test_conv3d_routes_small_convolutions_to_onednn():
+    conv, x = Conv3d(8, 8, 3, padding=1), torch.randn(1, 8, 8, 16, 16)
+    stock = nn.Conv3d(8, 8, 3, padding=1)
+    assert "aten::slow_conv3d_forward" in _profiled_ops(lambda: stock(x))  # the case we fix
+    ops = _profiled_ops(lambda: conv(x))
+    assert "aten::mkldnn_convolution" in ops and "aten::slow_conv3d_forward" not in ops
+    pointwise = _profiled_ops(lambda: Conv3d(8, 4, 1)(x))
+    assert not any("conv" in op for op in pointwise)
+
+
+def test_conv3d_is_stock_under_tracing_and_autocast():
+    conv, x = Conv3d(8, 8, 3, padding=1), torch.randn(1, 8, 8, 16, 16)
+    traced = torch.jit.trace(conv, x)
+    assert "cat" not in str(traced.graph)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _profiled_ops(lambda: conv(x)).isdisjoint({"aten::cat"})
+
+
+def test_dropout_keeps_the_expectation_and_a_bool_mask():
+    torch.manual_seed(0)
+    x = torch.ones(400_000, requires_grad=True)
+    y = dropout(x, 0.2)
+    kept = y != 0
+    assert abs(float(kept.float().mean()) - 0.8) < 0.003
+    # four 15-bit numbers per 64-bit draw: each of the four positions keeps at the same rate
+    assert torch.allclose(kept.view(-1, 4).float().mean(0), torch.full((4,), 0.8), atol=0.006)
+    assert abs(float(y.mean()) - 1.0) < 0.005  # scaled by the exact inverse keep probability
+    assert torch.all(y[kept] == y[kept][0])
+    assert [t.dtype for t in y.grad_fn.saved_tensors] == [torch.bool]  # 1 byte per element kept for backward
+    y.backward(torch.full_like(y, 2.0))
+    torch.testing.assert_close(x.grad, torch.where(kept, 2.0 * y[kept][0], 0.0))
+
+
+def test_dropout_is_seeded_and_stock_where_it_should_be():
+    x = torch.randn(1000, requires_grad=True)
+    torch.manual_seed(3)
+    a = dropout(x, 0.5)
+    torch.manual_seed(3)
+    b = Dropout(0.5)(x)
+    assert torch.equal(a, b)
+    layer = Dropout(0.5).eval()
+    assert torch.equal(layer(x), x)
+    assert torch.equal(dropout(x, 0.0), x)
+    assert float((dropout(x, 1.0) == 0).float().mean()) == 1.0
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        dropout(x, 1.5)
+
+
+def test_softmax_dropout_matmul_matches_autograd_with_the_same_mask():
+    torch.manual_seed(0)
+    scores = torch.randn(2, 3, 4, 27, 27, requires_grad=True)
+    v = torch.randn(2, 3, 4, 27, 8, requires_grad=True)
+    torch.manual_seed(7)
+    out = softmax_dropout_matmul(scores, v, 0.25)
+    assert {t.dtype for t in out.grad_fn.saved_tensors} == {torch.float32, torch.bool}
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    # the same mask, recovered: the layer's kept entries are where the reference probabilities survive
+    torch.manual_seed(7)
+    probs = scores.detach().softmax(-1)
+    keep, scale = _keep_mask(probs.shape, 0.25, probs.device)
+    s2, v2 = scores.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
+    ref = torch.matmul(s2.softmax(-1) * keep * scale, v2)
+    ref.backward(grad)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(scores.grad, s2.grad)
+    torch.testing.assert_close(v.grad, v2.grad)
+    # eval / no dropout: plain softmax attention
+    torch.testing.assert_close(softmax_dropout_matmul(scores, v, 0.25, training=False), scores.softmax(-1) @ v)
+
+
+def _stock_pre_activation(norm, act, conv, x, keep=None, scale=1.0):
+    h = act(norm(x))
+    if keep is not None:
+        h = h * keep * scale
+    return conv(h)
+
+
+@pytest.mark.parametrize(
+    "shape, out_channels, kernel, p",
+    [
+        ((1, 8, 8, 16, 16), 8, 3, 0.0),  # routed to oneDNN
+        ((1, 8, 8, 16, 16), 8, 3, 0.3),  # with the block's dropout
+        ((2, 4, 6, 12, 10), 6, (1, 3, 3), 0.0),  # batch 2, in-plane kernel: stock kernel
+        ((1, 6, 4, 8, 8), 5, 3, 0.2),  # odd out channels: stock kernel
+    ],
+)
+def test_pre_activation_conv_matches_autograd_and_keeps_only_its_input(shape, out_channels, kernel, p):
+    from misfm_nets.fast_cpu import pre_activation_conv
+
+    torch.manual_seed(0)
+    padding = tuple(k // 2 for k in ((kernel,) * 3 if isinstance(kernel, int) else kernel))
+
+    def modules():
+        torch.manual_seed(1)
+        norm, act, conv = nn.BatchNorm3d(shape[1]), nn.PReLU(), Conv3d(shape[1], out_channels, kernel, padding=padding)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5), act.weight.fill_(0.1)
+        return norm, act, conv, Dropout(p)
+
+    x = torch.randn(shape) * 2 + 1
+    fused, stock = modules(), modules()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(5)
+    ya = pre_activation_conv(*fused[:3], xa, fused[3])
+    saved = [t for t in ya.grad_fn.saved_tensors if t is not None and t.numel() >= x.numel()]
+    # x itself, and with dropout its bool mask: no float tensor the size of x but x
+    assert [t.data_ptr() for t in saved if t.is_floating_point()] == [xa.data_ptr()]
+    assert [t.dtype for t in saved if not t.is_floating_point()] == ([torch.bool] if p else [])
+    torch.manual_seed(5)
+    keep, scale = _keep_mask((shape[0], shape[1]) + shape[2:], p, x.device) if p else (None, 1.0)
+    yb = _stock_pre_activation(*stock[:3], xb, keep, scale)
+    torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(ya)
+    ya.backward(grad)
+    yb.backward(grad)
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5 * float(xb.grad.abs().max()), rtol=1e-4)
+    for a, b in zip(fused[:3], stock[:3]):
+        for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(pa.grad, pb.grad, atol=1e-5 * float(pb.grad.abs().max()), rtol=1e-4, msg=name)
+        for (name, ba), bb in zip(a.named_buffers(), b.buffers()):  # running statistics and batch count
+            torch.testing.assert_close(ba, bb, msg=name)
+
+
+def test_pctnet_training_step_equals_the_stock_layers(monkeypatch):
+    # Train mode (batch statistics, running-stat updates), no dropout so both draw nothing: the whole network on
+    # the fast CPU layers against the same network on stock PyTorch layers.
+    from misfm_nets import PCTNet, fast_cpu
+
+    fast_path = fast_cpu.uses_fast_cpu_path
+
+    def step(fast: bool):
+        monkeypatch.setattr(fast_cpu, "uses_fast_cpu_path", fast_path if fast else lambda x: False)
+        torch.manual_seed(0)
+        net = PCTNet(1, 3, (16, 32, 32), feature_channels=(4, 8, 16, 32, 64), num_heads=(2, 4, 8),
+                     dropout=(0.0,) * 5, drop_path=0.0, deep_supervision=True).train()
+        x = torch.randn(1, 1, 16, 32, 32, generator=torch.Generator().manual_seed(1))
+        outs = net(x)
+        sum(o.square().mean() for o in outs).backward()
+        grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+        return [o.detach() for o in outs], grads, dict(net.named_buffers())
+
+    stock, fast = step(False), step(True)
+    for a, b in zip(fast[0], stock[0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert fast[1].keys() == stock[1].keys()
+    # Relative L2 error per parameter (measured <= 2e-3; a 1 % error in one layer's input gradient gives > 0.1).
+    # Conv biases before a train-mode BatchNorm have a zero gradient in exact arithmetic: rounding noise, skipped.
+    for name, ref in stock[1].items():
+        if float(ref.norm()) > 1e-4:
+            assert float((fast[1][name] - ref).norm() / ref.norm()) < 1e-2, name
+    for name in stock[2]:
+        torch.testing.assert_close(fast[2][name], stock[2][name], atol=1e-5, rtol=1e-4, msg=name)
