@@ -12,6 +12,9 @@ Cases:
             blending buffer then covers one slab, not the whole volume per class, and the normalisation map
             is per slab. cache_roi_weight_map=True.
   bf16      buffered + bf16 autocast in the net (logits returned as fp32, blended in fp32).
+  fp16out   the volume handed to the inferer as float16: MONAI allocates its blending buffers (the
+            per-class output and the count map) in the input's dtype, so they take half the memory; each window
+            runs the net in float32 and its logits are blended in float16.
   offload   (CUDA only) buffered with sw_device=cuda, device=cpu: windows on the GPU, the full output on the host.
 
     python benchmarks/bench_inference.py                       # 512x512x300, tiny widths on CPU (slow: minutes)
@@ -36,7 +39,7 @@ WIDTHS = {
     "small": dict(feature_channels=(8, 16, 32, 64, 128), num_heads=(2, 4, 8)),
     "tiny": dict(feature_channels=(4, 8, 16, 32, 64), num_heads=(2, 4, 8)),
 }
-CASES = ("default", "buffered", "bf16", "offload")
+CASES = ("default", "buffered", "bf16", "fp16out", "offload")
 
 
 def _rss_bytes() -> int:
@@ -62,6 +65,8 @@ def run_case(args, case: str, out_path: str) -> dict:
     net = build_net(args)
     volume = torch.randn(1, 1, *args.size, generator=torch.Generator().manual_seed(1))
     volume = volume.to("cpu" if case == "offload" else args.device)
+    if case == "fp16out":
+        volume = volume.half()
     options = dict(roi_size=tuple(args.roi), sw_batch_size=args.sw_batch_size, overlap=args.overlap, mode="gaussian")
     if case != "default":
         options.update(buffer_steps=args.buffer_steps, buffer_dim=-1, cache_roi_weight_map=True)
@@ -72,10 +77,11 @@ def run_case(args, case: str, out_path: str) -> dict:
 
     def predictor(x):
         with torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
-            return net(x).float()
+            logits = net(x.float()).float()
+        return logits.to(x.dtype)
 
     with torch.inference_mode():  # warm-up on one window: allocator, caches, masks
-        predictor(torch.zeros(args.sw_batch_size, 1, *args.roi, device=args.device))
+        predictor(torch.zeros(args.sw_batch_size, 1, *args.roi, device=args.device, dtype=volume.dtype))
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -27,7 +27,7 @@ def test_bench_pctnet_one_step():
 def test_bench_inference_quick():
     out = _run(str(BENCH / "bench_inference.py"), "--quick", "--device", "cpu")
     assert "argmax agree %" in out
-    for case in ("default", "buffered", "bf16"):
+    for case in ("default", "buffered", "bf16", "fp16out"):
         assert any(line.startswith(case) for line in out.splitlines()), out
 
 

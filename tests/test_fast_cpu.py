@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from misfm_nets.fast_cpu import Conv3d, Dropout, _keep_mask, dropout, softmax_dropout_matmul
+from misfm_nets.fast_cpu import Conv3d, Dropout, _drop_mask, dropout, softmax_dropout_matmul
 
 
 def _profiled_ops(fn) -> set:
@@ -106,9 +106,9 @@ def test_softmax_dropout_matmul_matches_autograd_with_the_same_mask():
     # the same mask, recovered: the layer's kept entries are where the reference probabilities survive
     torch.manual_seed(7)
     probs = scores.detach().softmax(-1)
-    keep, scale = _keep_mask(probs.shape, 0.25, probs.device)
+    drop, scale = _drop_mask(probs.shape, 0.25, probs.device)
     s2, v2 = scores.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
-    ref = torch.matmul(s2.softmax(-1) * keep * scale, v2)
+    ref = torch.matmul(s2.softmax(-1).masked_fill(drop, 0.0) * scale, v2)
     ref.backward(grad)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(scores.grad, s2.grad)
@@ -117,10 +117,10 @@ def test_softmax_dropout_matmul_matches_autograd_with_the_same_mask():
     torch.testing.assert_close(softmax_dropout_matmul(scores, v, 0.25, training=False), scores.softmax(-1) @ v)
 
 
-def _stock_pre_activation(norm, act, conv, x, keep=None, scale=1.0):
+def _stock_pre_activation(norm, act, conv, x, drop=None, scale=1.0):
     h = act(norm(x))
-    if keep is not None:
-        h = h * keep * scale
+    if drop is not None:
+        h = h.masked_fill(drop, 0.0) * scale
     return conv(h)
 
 
@@ -133,7 +133,8 @@ def _stock_pre_activation(norm, act, conv, x, keep=None, scale=1.0):
         ((1, 6, 4, 8, 8), 5, 3, 0.2),  # odd out channels: stock kernel
     ],
 )
-def test_pre_activation_conv_matches_autograd_and_keeps_only_its_input(shape, out_channels, kernel, p):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pre_activation_conv_matches_autograd_and_keeps_only_its_input(shape, out_channels, kernel, p, channels_last):
     from misfm_nets.fast_cpu import pre_activation_conv
 
     torch.manual_seed(0)
@@ -147,6 +148,8 @@ def test_pre_activation_conv_matches_autograd_and_keeps_only_its_input(shape, ou
         return norm, act, conv, Dropout(p)
 
     x = torch.randn(shape) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     fused, stock = modules(), modules()
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     torch.manual_seed(5)
@@ -156,8 +159,8 @@ def test_pre_activation_conv_matches_autograd_and_keeps_only_its_input(shape, ou
     assert [t.data_ptr() for t in saved if t.is_floating_point()] == [xa.data_ptr()]
     assert [t.dtype for t in saved if not t.is_floating_point()] == ([torch.bool] if p else [])
     torch.manual_seed(5)
-    keep, scale = _keep_mask((shape[0], shape[1]) + shape[2:], p, x.device) if p else (None, 1.0)
-    yb = _stock_pre_activation(*stock[:3], xb, keep, scale)
+    drop, scale = _drop_mask((shape[0], shape[1]) + shape[2:], p, x.device) if p else (None, 1.0)
+    yb = _stock_pre_activation(*stock[:3], xb, drop, scale)
     torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
     grad = torch.randn_like(ya)
     ya.backward(grad)
