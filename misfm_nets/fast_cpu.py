@@ -11,8 +11,9 @@ they differ only on the CPU in float32 outside autocast and tracing (elsewhere t
   (4 bytes per element) for backward. Here the mask is 15-bit integers against a threshold, kept as bool
   (1 byte per element); ``p`` is rounded to a multiple of ``2**-15`` and the kept values scaled by the exact
   inverse keep probability, so the expectation is unchanged.
-- :func:`softmax_dropout_matmul`: ``dropout(softmax(scores)) @ v`` keeping only the probabilities and the bool
-  mask for backward (autograd would keep the probabilities, the float mask and the dropped matrix).
+- :func:`window_attention`: ``dropout(softmax(q k^T * scale + bias + mask)) @ v`` keeping only the
+  probabilities and the bool mask for backward (autograd would keep the probabilities, the float mask and the
+  dropped matrix), or with ``recompute`` neither (one product and one softmax recomputed in backward).
 - :func:`pre_activation_conv`: PCT-Net's ``conv(dropout(prelu(batch_norm(x))))`` keeping only ``x`` for backward
   (autograd would keep ``x``, the normalised and the activated tensors); the two are recomputed in backward from
   the saved batch statistics, which costs two elementwise passes and no convolution.
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Conv3d", "Dropout", "dropout", "pre_activation_conv", "softmax_dropout_matmul", "uses_fast_cpu_path"]
+__all__ = ["Conv3d", "Dropout", "dropout", "pre_activation_conv", "uses_fast_cpu_path", "window_attention"]
 
 _MASK_LEVELS = 2**15  # dropout draws are 15-bit integers, uniform on [0, 2**15)
 _SLOW_CONV3D_MAX = 20480  # PyTorch's N*C*D*H bound under which a batch-1 float32 conv takes slow_conv3d
@@ -94,36 +95,60 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-class _SoftmaxDropoutMatmul(torch.autograd.Function):
-    """``(softmax(scores) with the drop entries zeroed) @ v * scale``, saving softmax(scores), the bool mask and
-    v; the scale is applied to the ``(..., N, d)`` product, not to the ``(..., N, M)`` probabilities."""
+def _attention_probs(
+    q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, mask: Optional[torch.Tensor], scale: float
+) -> torch.Tensor:
+    """``softmax(q k^T * scale + bias + mask)``: q, k ``(B, nW, h, N, d)``, bias ``(h, N, N)``, mask ``(nW, N, N)``."""
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))
+    scores += bias
+    if mask is not None:
+        scores += mask.unsqueeze(1)
+    return scores.softmax(-1)
+
+
+class _WindowAttention(torch.autograd.Function):
+    """``dropout(softmax(q k^T * scale + bias + mask)) @ v`` with a bool dropout mask. Backward keeps the
+    probabilities, or with ``recompute`` only q, k, v and the mask: the probabilities are recomputed (one product
+    and one softmax), nothing else."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
-        probs = scores.softmax(-1)
-        drop, scale = _drop_mask(probs.shape, p, probs.device)
-        out = torch.matmul(probs.masked_fill(drop, 0.0), v).mul_(scale)
-        ctx.save_for_backward(probs, drop, v)
-        ctx.scale = scale
+    def forward(ctx, q, k, v, bias, mask, scale: float, p: float, recompute: bool):
+        probs = _attention_probs(q, k, bias, mask, scale)
+        drop, drop_scale = _drop_mask(probs.shape, p, probs.device)
+        out = torch.matmul(probs.masked_fill(drop, 0.0), v).mul_(drop_scale)
+        ctx.save_for_backward(q, k, v, bias, mask, drop, None if recompute else probs)
+        ctx.scale, ctx.drop_scale = scale, drop_scale
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        probs, drop, v = ctx.saved_tensors
-        grad_out = grad_out * ctx.scale
+    def backward(ctx, grad_out):
+        q, k, v, bias, mask, drop, probs = ctx.saved_tensors
+        if probs is None:
+            probs = _attention_probs(q, k, bias, mask, ctx.scale)
+        grad_out = grad_out * ctx.drop_scale
         grad_v = torch.matmul(probs.masked_fill(drop, 0.0).transpose(-2, -1), grad_out)
         grad_probs = torch.matmul(grad_out, v.transpose(-2, -1)).masked_fill_(drop, 0.0)
         grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        if grad_v.shape != v.shape:  # v was broadcast in the product
-            grad_v = grad_v.sum_to_size(v.shape)
-        return grad_scores, grad_v, None
+        del grad_probs, probs
+        grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale)
+        grad_k = torch.matmul(grad_scores.transpose(-2, -1), q).mul_(ctx.scale)
+        grad_bias = grad_scores.sum(dim=tuple(range(grad_scores.dim() - 3))) if ctx.needs_input_grad[3] else None
+        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None
 
 
-def softmax_dropout_matmul(scores: torch.Tensor, v: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """``dropout(softmax(scores, -1), p) @ v`` for ``scores (..., N, M)``, ``v (..., M, d)`` -> ``(..., N, d)``."""
-    if training and p > 0.0 and uses_fast_cpu_path(scores) and v.dtype == torch.float32:
-        return _SoftmaxDropoutMatmul.apply(scores, v, p)
-    return torch.matmul(F.dropout(scores.softmax(-1), p, training), v)
+def window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, mask: Optional[torch.Tensor],
+    scale: float, p: float, recompute: bool = False,
+) -> torch.Tensor:
+    """``dropout(softmax(q k^T * scale + bias + mask), p) @ v`` in training on the CPU (float32, ``p > 0``).
+
+    q, k, v ``(B, nW, h, N, d)``, bias ``(h, N, N)``, mask ``(nW, N, N)`` or None (broadcast, never expanded)
+    -> ``(B, nW, h, N, d)``. Backward keeps the probabilities and a bool mask (autograd would also keep a float
+    mask and the dropped matrix); ``recompute=True`` keeps neither probabilities nor scores.
+    """
+    if mask is not None:
+        mask = mask.to(q.dtype)
+    return _WindowAttention.apply(q, k, v, bias.to(q.dtype), mask, scale, p, recompute)
 
 
 def _routes_to_slow_conv3d(x: torch.Tensor, groups: int) -> bool:
@@ -239,7 +264,8 @@ def pre_activation_conv(
     :class:`_PreActivationConv`); elsewhere, and for pointwise convolutions, the modules are called in turn."""
     p = drop.p if drop is not None and drop.training else 0.0
     fused = (
-        torch.is_grad_enabled() and norm.training and norm.affine and uses_fast_cpu_path(x)
+        torch.is_grad_enabled() and type(norm) is nn.BatchNorm3d and norm.training and norm.affine  # not SyncBN
+        and uses_fast_cpu_path(x)
         and isinstance(conv, Conv3d) and not conv.is_pointwise() and conv.padding_mode == "zeros"
         and isinstance(conv.padding, tuple) and type(act) is nn.PReLU and act.num_parameters == 1 and 0.0 <= p < 1.0
         and (x.requires_grad or any(t.requires_grad for t in (norm.weight, act.weight, conv.weight)))

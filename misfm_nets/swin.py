@@ -24,7 +24,7 @@ from monai.networks.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .fast_cpu import Dropout, softmax_dropout_matmul
+from .fast_cpu import Dropout, uses_fast_cpu_path, window_attention
 
 __all__ = ["relative_position_index", "window_indices", "WindowAttention", "SwinBlock", "SwinLayer"]
 
@@ -118,7 +118,7 @@ def _attention_core(
     attn += bias.to(q.dtype)
     if mask is not None:
         attn += mask.unsqueeze(1).to(q.dtype)
-    return softmax_dropout_matmul(attn, v, dropout)
+    return torch.matmul(F.dropout(attn.softmax(-1), dropout, True), v)
 
 
 class WindowAttention(nn.Module):
@@ -158,10 +158,12 @@ class WindowAttention(nn.Module):
         if dropout > 0 and windows.device.type == "cpu" and torch.is_grad_enabled():
             # The fused CPU kernel has no attention dropout (SDPA would fall back to its math path, keep the
             # score, softmax and dropout tensors, and expand bias + mask to (nW*h, N, N)): compute explicitly
-            # with broadcast bias/mask; with ``recompute_attention`` the core is recomputed in backward
-            # instead of stored (RNG state replayed, so the same dropout mask).
+            # with broadcast bias/mask; with ``recompute_attention`` the probabilities (float32: our
+            # window_attention) or the whole core (checkpoint, RNG state replayed) are recomputed in backward.
             q, k, v = qkv.unbind(0)
-            if self.recompute_attention:
+            if uses_fast_cpu_path(q):
+                out = window_attention(q, k, v, bias, mask, self.scale, dropout, self.recompute_attention)
+            elif self.recompute_attention:
                 out = checkpoint(_attention_core, q, k, v, bias, mask, self.scale, dropout, use_reentrant=False)
             else:
                 out = _attention_core(q, k, v, bias, mask, self.scale, dropout)

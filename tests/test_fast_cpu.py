@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from misfm_nets.fast_cpu import Conv3d, Dropout, _drop_mask, dropout, softmax_dropout_matmul
+from misfm_nets.fast_cpu import Conv3d, Dropout, _drop_mask, dropout, window_attention
 
 
 def _profiled_ops(fn) -> set:
@@ -94,27 +94,32 @@ def test_dropout_is_seeded_and_stock_where_it_should_be():
         dropout(x, 1.5)
 
 
-def test_softmax_dropout_matmul_matches_autograd_with_the_same_mask():
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_window_attention_matches_autograd_with_the_same_mask(shifted, recompute):
     torch.manual_seed(0)
-    scores = torch.randn(2, 3, 4, 27, 27, requires_grad=True)
-    v = torch.randn(2, 3, 4, 27, 8, requires_grad=True)
+    b, nw, h, n, d = 2, 3, 4, 27, 8
+    q, k, v = (torch.randn(b, nw, h, n, d, requires_grad=True) for _ in range(3))
+    bias = torch.randn(h, n, n, requires_grad=True)
+    mask = torch.where(torch.rand(nw, n, n) < 0.3, -100.0, 0.0) if shifted else None
     torch.manual_seed(7)
-    out = softmax_dropout_matmul(scores, v, 0.25)
-    assert {t.dtype for t in out.grad_fn.saved_tensors} == {torch.float32, torch.bool}
+    out = window_attention(q, k, v, bias, mask, 0.35, 0.25, recompute)
+    big = [t for t in out.grad_fn.saved_tensors if t is not None and t.numel() >= b * nw * h * n * n]
+    # the score-sized tensors kept: the bool mask, and the float probabilities unless recomputed
+    assert sorted(str(t.dtype) for t in big) == (["torch.bool"] if recompute else ["torch.bool", "torch.float32"])
     grad = torch.randn_like(out)
     out.backward(grad)
-    # the same mask, recovered: the layer's kept entries are where the reference probabilities survive
+    # reference: plain autograd with the same dropout draw
     torch.manual_seed(7)
-    probs = scores.detach().softmax(-1)
-    drop, scale = _drop_mask(probs.shape, 0.25, probs.device)
-    s2, v2 = scores.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
-    ref = torch.matmul(s2.softmax(-1).masked_fill(drop, 0.0) * scale, v2)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, bias)]
+    q2, k2, v2, bias2 = leaves
+    scores = (q2 * 0.35) @ k2.transpose(-2, -1) + bias2 + (mask.unsqueeze(1) if shifted else 0.0)
+    drop, scale = _drop_mask(scores.shape, 0.25, scores.device)
+    ref = (scores.softmax(-1).masked_fill(drop, 0.0) * scale) @ v2
     ref.backward(grad)
     torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(scores.grad, s2.grad)
-    torch.testing.assert_close(v.grad, v2.grad)
-    # eval / no dropout: plain softmax attention
-    torch.testing.assert_close(softmax_dropout_matmul(scores, v, 0.25, training=False), scores.softmax(-1) @ v)
+    for ours, theirs in zip((q, k, v, bias), leaves):
+        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-5, rtol=1e-5)
 
 
 def _stock_pre_activation(norm, act, conv, x, drop=None, scale=1.0):
@@ -202,3 +207,19 @@ def test_pctnet_training_step_equals_the_stock_layers(monkeypatch):
             assert float((fast[1][name] - ref).norm() / ref.norm()) < 1e-2, name
     for name in stock[2]:
         torch.testing.assert_close(fast[2][name], stock[2][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_pre_activation_conv_leaves_other_norm_layers_their_forward():
+    # SyncBatchNorm (bundles' sync_batchnorm) must keep its cross-process statistics: only nn.BatchNorm3d fuses.
+    from misfm_nets.fast_cpu import pre_activation_conv
+
+    calls = []
+
+    class RecordingNorm(nn.BatchNorm3d):
+        def forward(self, x):
+            calls.append(x.shape)
+            return super().forward(x)
+
+    x = torch.randn(1, 4, 4, 8, 8, requires_grad=True)
+    pre_activation_conv(RecordingNorm(4), nn.PReLU(), Conv3d(4, 4, 3, padding=1), x).sum().backward()
+    assert calls == [x.shape]
