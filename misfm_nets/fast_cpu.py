@@ -13,7 +13,7 @@ they differ only on the CPU in float32 outside autocast and tracing (elsewhere t
   inverse keep probability, so the expectation is unchanged.
 - :func:`window_attention`: ``dropout(softmax(q k^T * scale + bias + mask)) @ v`` keeping only the
   probabilities and the bool mask for backward (autograd would keep the probabilities, the float mask and the
-  dropped matrix), or with ``recompute`` neither (one product and one softmax recomputed in backward).
+  dropped matrix), or with ``recompute`` only the mask (one product and one softmax recomputed in backward).
 - :func:`pre_activation_conv`: PCT-Net's ``conv(dropout(prelu(batch_norm(x))))`` keeping only ``x`` for backward
   (autograd would keep ``x``, the normalised and the activated tensors); the two are recomputed in backward from
   the saved batch statistics, which costs two elementwise passes and no convolution.
@@ -29,6 +29,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["Conv3d", "Dropout", "dropout", "pre_activation_conv", "uses_fast_cpu_path", "window_attention"]
 
@@ -48,8 +49,8 @@ def _drop_mask(shape: Tuple[int, ...], p: float, device: torch.device) -> Tuple[
     """``(drop (bool, shape), scale)``: drop with probability ``p`` rounded to k / 2**15, and
     ``scale = 1 / P(keep)``. Drawn from torch's default generator, so ``torch.manual_seed`` fixes it.
 
-    One 63-bit draw gives four 15-bit numbers (int64 ``random_`` viewed as int16, sign bits cleared), 3x fewer
-    draws than one per element. The mask is applied with ``masked_fill`` (in place where the tensor is ours): a
+    One 63-bit draw gives four 15-bit numbers (int64 ``random_`` viewed as int16, sign bits cleared): one draw
+    per four elements. The mask is applied with ``masked_fill`` (in place where the tensor is ours): a
     float-by-bool product would cast the mask to a float temporary first.
     """
     threshold = round(p * _MASK_LEVELS)
@@ -71,6 +72,7 @@ class _MaskedScale(torch.autograd.Function):
         return x.masked_fill(drop, 0.0).mul_(scale)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (drop,) = ctx.saved_tensors
         return grad.masked_fill(drop, 0.0).mul_(ctx.scale), None, None
@@ -78,7 +80,8 @@ class _MaskedScale(torch.autograd.Function):
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """:func:`torch.nn.functional.dropout` with a bool mask on the CPU (see the module docstring)."""
-    if not training or p == 0.0 or not (x.requires_grad and uses_fast_cpu_path(x)):
+    # The same draw with or without grad (a reentrant checkpoint runs the forward without, then again with it).
+    if not training or p == 0.0 or not uses_fast_cpu_path(x):
         return F.dropout(x, p, training)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
@@ -121,6 +124,7 @@ class _WindowAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, bias, mask, drop, probs = ctx.saved_tensors
         if probs is None:
@@ -151,12 +155,15 @@ def window_attention(
     return _WindowAttention.apply(q, k, v, bias.to(q.dtype), mask, scale, p, recompute)
 
 
-def _routes_to_slow_conv3d(x: torch.Tensor, groups: int) -> bool:
+def _routes_to_slow_conv3d(x: torch.Tensor, groups: int, kernel: Tuple[int, ...]) -> bool:
     """PyTorch's CPU heuristic (``ConvParams::use_mkldnn``) for a float32 3-D convolution with a kernel wider
-    than 1x1 in its last two axes: oneDNN only for groups > 1, batch > 1 or ``N*C*D*H > 20480``."""
+    than 1x1 in its last two axes: oneDNN only for groups > 1, a kernel > 3 in both last axes, batch > 1 or
+    ``N*C*D*H > 20480``."""
     n, c, d, h = x.shape[:4]
-    return groups == 1 and n == 1 and n * c * d * h <= _SLOW_CONV3D_MAX and torch.backends.mkldnn.is_available() \
-        and torch.backends.mkldnn.enabled
+    return (
+        groups == 1 and n == 1 and n * c * d * h <= _SLOW_CONV3D_MAX and not (kernel[-1] > 3 and kernel[-2] > 3)
+        and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    )
 
 
 class Conv3d(nn.Conv3d):
@@ -173,7 +180,10 @@ class Conv3d(nn.Conv3d):
 
     def routes_to_onednn(self, x: torch.Tensor) -> bool:
         """Whether this convolution of ``x`` runs as two groups (PyTorch would take ``slow_conv3d``)."""
-        return _routes_to_slow_conv3d(x, self.groups) and self.out_channels % 2 == 0 and not self.is_pointwise()
+        return (
+            _routes_to_slow_conv3d(x, self.groups, self.kernel_size) and self.out_channels % 2 == 0
+            and not self.is_pointwise()
+        )
 
     def is_pointwise(self) -> bool:
         return (
@@ -227,6 +237,7 @@ class _PreActivationConv(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y):
         x, norm_weight, norm_bias, act_weight, conv_weight, mean, invstd, drop = ctx.saved_tensors
         conv = ctx.conv
@@ -265,7 +276,8 @@ def pre_activation_conv(
     p = drop.p if drop is not None and drop.training else 0.0
     fused = (
         torch.is_grad_enabled() and type(norm) is nn.BatchNorm3d and norm.training and norm.affine  # not SyncBN
-        and uses_fast_cpu_path(x)
+        and uses_fast_cpu_path(x) and x.numel() > x.shape[1]  # BatchNorm3d itself rejects one value per channel
+        and not any(m._forward_hooks or m._forward_pre_hooks for m in (norm, act, conv))  # e.g. weight_norm
         and isinstance(conv, Conv3d) and not conv.is_pointwise() and conv.padding_mode == "zeros"
         and isinstance(conv.padding, tuple) and type(act) is nn.PReLU and act.num_parameters == 1 and 0.0 <= p < 1.0
         and (x.requires_grad or any(t.requires_grad for t in (norm.weight, act.weight, conv.weight)))

@@ -206,13 +206,13 @@ class PCTNet(nn.Module):
         drop_path: stochastic-depth rate of every Swin block (the original uses the constant 0.2).
         checkpointing: activation checkpointing in training. ``True``: every ConvTransBlock of the pyramid and
             every ConvBlock / UpCatBlock of the stem and head keeps only its input and recomputes its inside
-            during backward (least memory, most time). ``"attention"``: only the attention probabilities of the windowed
-            attention with dropout (CPU training) are not kept but recomputed in backward (one product and one
-            softmax per block). Same outputs, gradients and BatchNorm statistics as without.
+            during backward (least memory, most time). ``"attention"``: only the attention probabilities of the
+            windowed attention with dropout (CPU training) are not kept but recomputed in backward (one product
+            and one softmax per block). Same outputs, gradients and BatchNorm statistics as without.
         channels_last: run the convolutions in ``torch.channels_last_3d`` layout (input converted inside,
-            outputs returned contiguous). Same results up to float rounding (dropout masks are drawn in memory
-            order, so in training they differ from the contiguous run's, with the same distribution); the
-            transformer tokens then need no layout copy.
+            outputs returned contiguous). Same results up to float rounding (in float32 CPU training the dropout
+            masks are drawn in logical order, so they equal the contiguous run's; PyTorch's own dropout may draw
+            in memory order); the transformer tokens then need no layout copy.
 
     Float32 training on the CPU runs on the layers of :mod:`misfm_nets.fast_cpu`: oneDNN for the small
     convolutions PyTorch would send to its im2col kernel, 1-byte dropout masks (``p`` rounded to a multiple of

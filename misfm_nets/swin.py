@@ -24,7 +24,8 @@ from monai.networks.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .fast_cpu import Dropout, uses_fast_cpu_path, window_attention
+from . import fast_cpu
+from .fast_cpu import Dropout, window_attention
 
 __all__ = ["relative_position_index", "window_indices", "WindowAttention", "SwinBlock", "SwinLayer"]
 
@@ -155,13 +156,13 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         bias = bias.view(n, n, h).permute(2, 0, 1)  # (h, N, N)
         dropout = self.attn_drop if self.training else 0.0
-        if dropout > 0 and windows.device.type == "cpu" and torch.is_grad_enabled():
+        if dropout > 0 and windows.device.type == "cpu":  # with or without grad: the same dropout draw
             # The fused CPU kernel has no attention dropout (SDPA would fall back to its math path, keep the
             # score, softmax and dropout tensors, and expand bias + mask to (nW*h, N, N)): compute explicitly
             # with broadcast bias/mask; with ``recompute_attention`` the probabilities (float32: our
             # window_attention) or the whole core (checkpoint, RNG state replayed) are recomputed in backward.
             q, k, v = qkv.unbind(0)
-            if uses_fast_cpu_path(q):
+            if fast_cpu.uses_fast_cpu_path(q):
                 out = window_attention(q, k, v, bias, mask, self.scale, dropout, self.recompute_attention)
             elif self.recompute_attention:
                 out = checkpoint(_attention_core, q, k, v, bias, mask, self.scale, dropout, use_reentrant=False)

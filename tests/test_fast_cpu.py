@@ -21,7 +21,7 @@ def _outputs_and_grads(conv: nn.Module, x: torch.Tensor, channels_last: bool = F
     inp = x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
     y = conv(inp)
     y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
-    return y.detach(), x.grad, conv.weight.grad, conv.bias.grad
+    return y.detach(), x.grad, conv.weight.grad, None if conv.bias is None else conv.bias.grad
 
 
 @pytest.mark.parametrize(
@@ -35,13 +35,17 @@ def _outputs_and_grads(conv: nn.Module, x: torch.Tensor, channels_last: bool = F
     ],
 )
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_conv3d_matches_torch(shape, out_channels, kernel, padding, channels_last):
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv3d_matches_torch(shape, out_channels, kernel, padding, channels_last, bias):
     torch.manual_seed(0)
-    ours = Conv3d(shape[1], out_channels, kernel, padding=padding)
-    ref = nn.Conv3d(shape[1], out_channels, kernel, padding=padding)
+    ours = Conv3d(shape[1], out_channels, kernel, padding=padding, bias=bias)
+    ref = nn.Conv3d(shape[1], out_channels, kernel, padding=padding, bias=bias)
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(shape)
     for a, b in zip(_outputs_and_grads(ours, x, channels_last), _outputs_and_grads(ref, x, channels_last)):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
         # float32 sums in another order: tolerance on the scale of each tensor
         torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, float(b.abs().max())), rtol=1e-5)
 
@@ -223,3 +227,33 @@ def test_pre_activation_conv_leaves_other_norm_layers_their_forward():
     x = torch.randn(1, 4, 4, 8, 8, requires_grad=True)
     pre_activation_conv(RecordingNorm(4), nn.PReLU(), Conv3d(4, 4, 3, padding=1), x).sum().backward()
     assert calls == [x.shape]
+
+
+def test_dropout_draws_the_same_mask_with_and_without_grad():
+    # A reentrant checkpoint runs the forward without grad, then again with it: both must drop the same entries.
+    x = torch.randn(5000, requires_grad=True)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        a = dropout(x, 0.3)
+    torch.manual_seed(11)
+    b = dropout(x, 0.3)
+    assert torch.equal(a, b.detach())
+
+
+def test_pre_activation_conv_keeps_module_hooks_working():
+    # weight_norm / spectral_norm and feature hooks work through module hooks: with any, the modules are called.
+    from misfm_nets.fast_cpu import pre_activation_conv
+
+    seen = []
+    conv = Conv3d(4, 4, 3, padding=1)
+    conv.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    x = torch.randn(1, 4, 4, 8, 8, requires_grad=True)
+    y = pre_activation_conv(nn.BatchNorm3d(4), nn.PReLU(), conv, x)
+    assert seen == [y.shape]
+
+
+def test_double_backward_raises_instead_of_giving_wrong_second_derivatives():
+    x = torch.randn(100, requires_grad=True)
+    (grad,) = torch.autograd.grad(dropout(x, 0.5).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+        grad.sum().backward()
