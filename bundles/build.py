@@ -37,7 +37,12 @@ TEMPLATES = COMMON / "templates"
 GLUE = COMMON / "misfm_bundle_glue"
 VENDORED_PACKAGES = ("misfm_nets", "misfm_transforms")
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
-VERSION = "0.1.0"
+VERSION = "0.1.1"
+CHANGELOG = {  # newest first, as in the Model Zoo
+    "0.1.1": "faster, leaner float32 CPU training in the vendored PCT-Net (misfm_nets.fast_cpu); same network and "
+    "weights; checkpointing='attention' recomputes only the attention probabilities",
+    "0.1.0": "initial release: configs, docs, vendored code; no trained weights yet",
+}
 
 BUNDLES = (
     "misfm_ct_pretraining",
@@ -123,7 +128,7 @@ def render_metadata(bundle: str) -> str:
     out = {
         "schema": SCHEMA_URL,
         "version": VERSION,
-        "changelog": {VERSION: "initial release: configs, docs, vendored code; no trained weights yet"},
+        "changelog": CHANGELOG,
         "monai_version": "1.6.1",
         "pytorch_version": "2.13.0",
         "numpy_version": "2.4.6",
