@@ -35,6 +35,8 @@ __all__ = ["Conv3d", "Dropout", "dropout", "pre_activation_conv", "uses_fast_cpu
 
 _MASK_LEVELS = 2**15  # dropout draws are 15-bit integers, uniform on [0, 2**15)
 _SLOW_CONV3D_MAX = 20480  # PyTorch's N*C*D*H bound under which a batch-1 float32 conv takes slow_conv3d
+_CHUNK = 1 << 18  # elements per step of the chunked elementwise passes (1 MiB float32 temporaries)
+_MIN_IN_PLACE_SLOPE = 2.0**-20  # PReLU slopes from which backward reads the input's negative part off the result
 
 
 def uses_fast_cpu_path(x: torch.Tensor) -> bool:
@@ -45,37 +47,71 @@ def uses_fast_cpu_path(x: torch.Tensor) -> bool:
     )
 
 
-def _drop_mask(shape: Tuple[int, ...], p: float, device: torch.device) -> Tuple[torch.Tensor, float]:
-    """``(drop (bool, shape), scale)``: drop with probability ``p`` rounded to k / 2**15, and
-    ``scale = 1 / P(keep)``. Drawn from torch's default generator, so ``torch.manual_seed`` fixes it.
+def _memory_order_view(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """``t``'s elements as a 1-D view in memory order (contiguous, channels-last or any dense permutation), or
+    None where ``t`` has gaps or overlaps."""
+    order = sorted(range(t.dim()), key=lambda i: t.stride(i), reverse=True)
+    permuted = t.permute(order)
+    return permuted.view(-1) if permuted.is_contiguous() else None
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same strides on every axis longer than 1 (element ``i`` of one pairs with element ``i``
+    of the other in memory order)."""
+    return a.shape == b.shape and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
+def _keep_mask(like: torch.Tensor, p: float) -> Tuple[torch.Tensor, float]:
+    """``(keep (bool, like's shape and layout), scale)``: an element is dropped with probability ``p`` rounded to
+    k / 2**15, and ``scale = 1 / P(keep)``. Drawn from torch's default generator in ``like``'s memory order, so
+    ``torch.manual_seed`` fixes it and :func:`_masked_scale` can walk both tensors in step.
 
     One 63-bit draw gives four 15-bit numbers (int64 ``random_`` viewed as int16, sign bits cleared): one draw
-    per four elements. The mask is applied with ``masked_fill`` (in place where the tensor is ours): a
-    float-by-bool product would cast the mask to a float temporary first.
+    per four elements.
     """
     threshold = round(p * _MASK_LEVELS)
     if threshold >= _MASK_LEVELS:
-        return torch.ones(shape, dtype=torch.bool, device=device), 0.0
-    numel = math.prod(shape)
-    bits = torch.empty(-(-numel // 4), dtype=torch.int64, device=device).random_().view(torch.int16)[:numel]
-    drop = bits.bitwise_and_(_MASK_LEVELS - 1) < threshold
-    return drop.view(shape), _MASK_LEVELS / (_MASK_LEVELS - threshold)
+        return torch.zeros_like(like, dtype=torch.bool), 0.0
+    numel = like.numel()
+    bits = torch.empty(-(-numel // 4), dtype=torch.int64, device=like.device).random_().view(torch.int16)[:numel]
+    keep = bits.bitwise_and_(_MASK_LEVELS - 1) >= threshold
+    if _memory_order_view(like) is not None:
+        keep = keep.as_strided(like.shape, like.stride())
+    return keep.view(like.shape), _MASK_LEVELS / (_MASK_LEVELS - threshold)
+
+
+def _masked_scale(x: torch.Tensor, keep: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """``out = x * keep * scale`` elementwise (``out`` may be ``x``); returns ``out``.
+
+    ``masked_fill_`` with a bool mask is a scalar loop (~3x slower than a multiply), and ``x * keep`` casts the
+    whole mask to a float temporary first (a fresh allocation that costs more in page faults than the multiply).
+    Tensors of one layout are therefore walked in chunks whose float temporaries the allocator reuses.
+    """
+    flat_x, flat_keep, flat_out = _memory_order_view(x), _memory_order_view(keep), _memory_order_view(out)
+    if flat_x is None or flat_keep is None or flat_out is None or not (_same_layout(x, keep) and _same_layout(x, out)):
+        torch.mul(x, keep, out=out)
+        return out.mul_(scale) if scale != 1.0 else out
+    for start in range(0, flat_x.numel(), _CHUNK):
+        part = torch.mul(flat_x[start : start + _CHUNK], flat_keep[start : start + _CHUNK], out=flat_out[start : start + _CHUNK])
+        if scale != 1.0:
+            part.mul_(scale)
+    return out
 
 
 class _MaskedScale(torch.autograd.Function):
-    """``x`` with the ``drop`` entries zeroed, times ``scale``; only the bool mask is saved."""
+    """``x * keep * scale``; only the bool mask is saved."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, drop: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(drop)
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
         ctx.scale = scale
-        return x.masked_fill(drop, 0.0).mul_(scale)
+        return _masked_scale(x, keep, scale, torch.empty_like(keep, dtype=x.dtype))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        (drop,) = ctx.saved_tensors
-        return grad.masked_fill(drop, 0.0).mul_(ctx.scale), None, None
+        (keep,) = ctx.saved_tensors
+        return _masked_scale(grad, keep, ctx.scale, torch.empty_like(keep, dtype=grad.dtype)), None, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -85,8 +121,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return F.dropout(x, p, training)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-    drop, scale = _drop_mask(x.shape, p, x.device)
-    return _MaskedScale.apply(x, drop, scale)
+    keep, scale = _keep_mask(x, p)
+    return _MaskedScale.apply(x, keep, scale)
 
 
 class Dropout(nn.Dropout):
@@ -101,39 +137,52 @@ class Dropout(nn.Dropout):
 def _attention_probs(
     q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, mask: Optional[torch.Tensor], scale: float
 ) -> torch.Tensor:
-    """``softmax(q k^T * scale + bias + mask)``: q, k ``(B, nW, h, N, d)``, bias ``(h, N, N)``, mask ``(nW, N, N)``."""
+    """``softmax(q k^T * scale + bias + mask)``: q, k ``(B, nW, h, N, d)``, bias ``(h, N, N)``, mask ``(nW, N, N)``.
+
+    One fresh ``(B, nW, h, N, N)`` tensor; bias, mask and softmax are applied to it in place.
+    """
     scores = torch.matmul(q * scale, k.transpose(-2, -1))
     scores += bias
     if mask is not None:
         scores += mask.unsqueeze(1)
-    return scores.softmax(-1)
+    return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
 
 
 class _WindowAttention(torch.autograd.Function):
     """``dropout(softmax(q k^T * scale + bias + mask)) @ v`` with a bool dropout mask. Backward keeps the
     probabilities, or with ``recompute`` only q, k, v and the mask: the probabilities are recomputed (one product
-    and one softmax), nothing else."""
+    and one softmax), nothing else.
+
+    At the paper's sizes the ``(B, nW, h, N, N)`` tensors are ~160 MB: each fresh one costs more in page faults
+    (glibc maps allocations over 32 MiB anew) than the pass that fills it, so they are updated in place wherever
+    they are not kept: forward allocates one (two without ``recompute``), backward two.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, bias, mask, scale: float, p: float, recompute: bool):
         probs = _attention_probs(q, k, bias, mask, scale)
-        drop, drop_scale = _drop_mask(probs.shape, p, probs.device)
-        out = torch.matmul(probs.masked_fill(drop, 0.0), v).mul_(drop_scale)
-        ctx.save_for_backward(q, k, v, bias, mask, drop, None if recompute else probs)
+        keep, drop_scale = _keep_mask(probs, p)
+        dropped = _masked_scale(probs, keep, 1.0, probs if recompute else torch.empty_like(probs))
+        out = torch.matmul(dropped, v).mul_(drop_scale)
+        del dropped
+        ctx.save_for_backward(q, k, v, bias, mask, keep, None if recompute else probs)
         ctx.scale, ctx.drop_scale = scale, drop_scale
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, bias, mask, drop, probs = ctx.saved_tensors
-        if probs is None:
-            probs = _attention_probs(q, k, bias, mask, ctx.scale)
+        q, k, v, bias, mask, keep, saved_probs = ctx.saved_tensors
+        probs = _attention_probs(q, k, bias, mask, ctx.scale) if saved_probs is None else saved_probs
         grad_out = grad_out * ctx.drop_scale
-        grad_v = torch.matmul(probs.masked_fill(drop, 0.0).transpose(-2, -1), grad_out)
-        grad_probs = torch.matmul(grad_out, v.transpose(-2, -1)).masked_fill_(drop, 0.0)
-        grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        del grad_probs, probs
+        grad_scores = torch.matmul(grad_out, v.transpose(-2, -1))  # d loss / d dropped probabilities
+        _masked_scale(grad_scores, keep, 1.0, grad_scores)
+        torch.ops.aten._softmax_backward_data.out(grad_scores, probs, -1, probs.dtype, grad_input=grad_scores)
+        # the dropped probabilities for grad_v: in place when recomputed here (softmax backward is done with them)
+        dropped = _masked_scale(probs, keep, 1.0, probs if saved_probs is None else torch.empty_like(probs))
+        del probs, saved_probs
+        grad_v = torch.matmul(dropped.transpose(-2, -1), grad_out)
+        del dropped
         grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale)
         grad_k = torch.matmul(grad_scores.transpose(-2, -1), q).mul_(ctx.scale)
         grad_bias = grad_scores.sum(dim=tuple(range(grad_scores.dim() - 3))) if ctx.needs_input_grad[3] else None
@@ -205,64 +254,75 @@ class Conv3d(nn.Conv3d):
         return F.linear(x.permute(0, 2, 3, 4, 1), w2, bias).permute(0, 4, 1, 2, 3)
 
 
-def _prelu_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``prelu(x, weight)`` with one shared slope: the input's is leaky ReLU's backward (a vectorised
-    kernel, ~3x faster than PReLU's, which also materialises a full-size slope gradient), the slope's is
-    ``sum(grad * min(x, 0))``."""
-    grad_x = torch.ops.aten.leaky_relu_backward(grad, x, float(weight), False)
-    if x.dim() == 5 and not x.is_contiguous():  # channels-last: pair the elements in memory order, no copy
-        grad, x = grad.permute(0, 2, 3, 4, 1), x.permute(0, 2, 3, 4, 1)
-    grad_w = torch.dot(grad.reshape(-1), x.clamp(max=0).reshape(-1)).view_as(weight)
-    return grad_x, grad_w
+def _dot_negative_part(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``sum(a * min(b, 0))`` for tensors of one shape, accumulated in float64 over chunks (no temporary the size
+    of ``b`` where both have one dense layout)."""
+    flat_a, flat_b = _memory_order_view(a), _memory_order_view(b)
+    if flat_a is None or flat_b is None or not _same_layout(a, b):
+        return float(torch.dot(a.reshape(-1), b.clamp(max=0).reshape(-1)))
+    return math.fsum(
+        float(torch.dot(flat_a[i : i + _CHUNK], flat_b[i : i + _CHUNK].clamp(max=0))) for i in range(0, flat_a.numel(), _CHUNK)
+    )
 
 
 class _PreActivationConv(torch.autograd.Function):
     """``conv(drop(prelu(batch_norm(x))))`` in training mode, keeping only ``x`` (and the batch statistics and
     the bool dropout mask) for backward. The normalised and activated tensors, which autograd would keep (two
     tensors the size of ``x``), are recomputed in backward from the saved statistics: one fused
-    multiply-add and one PReLU; the convolution itself is not recomputed."""
+    multiply-add and one activation; the convolution itself is not recomputed.
+
+    PReLU with its one shared slope runs as leaky ReLU (the same products, a vectorised kernel ~3x faster than
+    PReLU's in both directions, in place); its slope gradient is ``sum(grad * min(input, 0))``. With a slope of
+    at least ``2**-20`` the activation has its input's sign and ``slope * input`` as negative part, so backward
+    activates the recomputed input in place and reads both from the result: one tensor the size of ``x``
+    alive instead of two.
+    """
 
     @staticmethod
-    def forward(ctx, x, norm_weight, norm_bias, act_weight, conv_weight, conv_bias, norm, conv, momentum, drop, scale):
+    def forward(ctx, x, norm_weight, norm_bias, act_weight, conv_weight, conv_bias, norm, conv, momentum, keep, scale):
         h, mean, invstd = torch.ops.aten.native_batch_norm(
             x, norm_weight, norm_bias, norm.running_mean, norm.running_var, True, momentum, norm.eps
         )
-        h = F.prelu(h, act_weight)
-        if drop is not None:
-            h.masked_fill_(drop, 0.0).mul_(scale)
+        F.leaky_relu_(h, float(act_weight))
+        if keep is not None:
+            _masked_scale(h, keep, scale, h)
         ctx.routed = conv.routes_to_onednn(h)
         y = conv._conv_forward(h, conv_weight, conv_bias)
-        ctx.save_for_backward(x, norm_weight, norm_bias, act_weight, conv_weight, mean, invstd, drop)
+        ctx.save_for_backward(x, norm_weight, norm_bias, act_weight, conv_weight, mean, invstd, keep)
         ctx.conv, ctx.eps, ctx.scale, ctx.has_bias = conv, norm.eps, scale, conv_bias is not None
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        x, norm_weight, norm_bias, act_weight, conv_weight, mean, invstd, drop = ctx.saved_tensors
-        conv = ctx.conv
+        x, norm_weight, norm_bias, act_weight, conv_weight, mean, invstd, keep = ctx.saved_tensors
+        conv, slope = ctx.conv, float(act_weight)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         gain = invstd * norm_weight
         normed = torch.addcmul((norm_bias - mean * gain).view(shape), x, gain.view(shape))
-        h_in, groups = F.prelu(normed, act_weight), conv.groups
-        if drop is not None:
-            h_in.masked_fill_(drop, 0.0).mul_(ctx.scale)
-        if ctx.routed:
-            h_in, groups = torch.cat([h_in, h_in], 1), 2
+        in_place = slope >= _MIN_IN_PLACE_SLOPE
+        h_in = F.leaky_relu_(normed, slope) if in_place else F.leaky_relu(normed, slope)
+        if keep is not None:
+            _masked_scale(h_in, keep, ctx.scale, h_in)
+        conv_in, groups = (torch.cat([h_in, h_in], 1), 2) if ctx.routed else (h_in, conv.groups)
         grad_h, grad_cw, grad_cb = torch.ops.aten.convolution_backward(
-            grad_y, h_in, conv_weight, [conv_weight.shape[0]] if ctx.has_bias else None, conv.stride, conv.padding,
+            grad_y, conv_in, conv_weight, [conv_weight.shape[0]] if ctx.has_bias else None, conv.stride, conv.padding,
             conv.dilation, False, [0] * len(conv.stride), groups, [True, ctx.needs_input_grad[4], ctx.has_bias],
         )
-        del h_in
+        del conv_in
         if ctx.routed:
             half = grad_h.shape[1] // 2
             grad_h = grad_h[:, :half] + grad_h[:, half:]
-        if drop is not None:
-            grad_h.masked_fill_(drop, 0.0).mul_(ctx.scale)
-        grad_normed, grad_aw = _prelu_backward(grad_h, normed, act_weight)
-        del normed, grad_h
+        if keep is not None:  # dropped entries get no gradient, so their activation values no longer matter
+            _masked_scale(grad_h, keep, ctx.scale, grad_h)
+        # the activation's input (its sign and negative part): the result itself when activated in place
+        source, negative_scale = (h_in, 1.0 / (slope * ctx.scale)) if in_place else (normed, 1.0)
+        del h_in, normed
+        grad_aw = act_weight.new_full(act_weight.shape, _dot_negative_part(grad_h, source) * negative_scale)
+        torch.ops.aten.leaky_relu_backward.grad_input(grad_h, source, slope, False, grad_input=grad_h)
+        del source
         grad_x, grad_nw, grad_nb = torch.ops.aten.native_batch_norm_backward(
-            grad_normed, x, norm_weight, None, None, mean, invstd, True, ctx.eps,
+            grad_h, x, norm_weight, None, None, mean, invstd, True, ctx.eps,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]],
         )
         return grad_x, grad_nw, grad_nb, grad_aw, grad_cw, grad_cb, None, None, None, None, None
@@ -290,8 +350,7 @@ def pre_activation_conv(
         norm.num_batches_tracked.add_(1)
         if norm.momentum is None:
             momentum = 1.0 / float(norm.num_batches_tracked)
-    drop, scale = _drop_mask(tuple(x.shape[:1]) + (conv.in_channels,) + tuple(x.shape[2:]), p, x.device) \
-        if p > 0.0 else (None, 1.0)
+    keep, scale = _keep_mask(x, p) if p > 0.0 else (None, 1.0)
     return _PreActivationConv.apply(
-        x, norm.weight, norm.bias, act.weight, conv.weight, conv.bias, norm, conv, momentum, drop, scale
+        x, norm.weight, norm.bias, act.weight, conv.weight, conv.bias, norm, conv, momentum, keep, scale
     )

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from misfm_nets.fast_cpu import Conv3d, Dropout, _drop_mask, dropout, window_attention
+from misfm_nets import fast_cpu
+from misfm_nets.fast_cpu import Conv3d, Dropout, _keep_mask, dropout, window_attention
 
 
 def _profiled_ops(fn) -> set:
@@ -83,6 +84,27 @@ def test_dropout_keeps_the_expectation_and_a_bool_mask():
     torch.testing.assert_close(x.grad, torch.where(kept, 2.0 * y[kept][0], 0.0))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_masked_scale_walks_both_tensors_in_memory_order(layout, monkeypatch):
+    monkeypatch.setattr(fast_cpu, "_CHUNK", 1000)
+    x = torch.randn(2, 3, 5, 6, 7)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    elif layout == "strided":  # not dense: the mask is drawn contiguous and applied unchunked
+        x = torch.randn(2, 3, 5, 6, 14)[..., ::2]
+    keep, scale = _keep_mask(x, 0.3)
+    assert keep.dtype == torch.bool and keep.shape == x.shape
+    assert keep.stride() == (x.stride() if layout != "strided" else x.contiguous().stride())
+    expected = torch.where(keep, x * scale, 0.0)
+    assert torch.equal(fast_cpu._masked_scale(x, keep, scale, torch.empty_like(keep, dtype=x.dtype)), expected)
+    in_place = x.clone()
+    assert torch.equal(fast_cpu._masked_scale(in_place, keep, scale, in_place), expected)
+    other = x.contiguous() if layout == "channels_last" else x.contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(fast_cpu._masked_scale(other, keep, scale, torch.empty_like(other)), expected)
+    grad = torch.randn_like(x)
+    assert fast_cpu._dot_negative_part(grad, x) == pytest.approx(float((grad.double() * x.double().clamp(max=0)).sum()), rel=1e-5)
+
+
 def test_dropout_is_seeded_and_stock_where_it_should_be():
     x = torch.randn(1000, requires_grad=True)
     torch.manual_seed(3)
@@ -100,7 +122,8 @@ def test_dropout_is_seeded_and_stock_where_it_should_be():
 
 @pytest.mark.parametrize("shifted", [False, True])
 @pytest.mark.parametrize("recompute", [False, True])
-def test_window_attention_matches_autograd_with_the_same_mask(shifted, recompute):
+def test_window_attention_matches_autograd_with_the_same_mask(shifted, recompute, monkeypatch):
+    monkeypatch.setattr(fast_cpu, "_CHUNK", 1000)  # several chunks in the elementwise passes
     torch.manual_seed(0)
     b, nw, h, n, d = 2, 3, 4, 27, 8
     q, k, v = (torch.randn(b, nw, h, n, d, requires_grad=True) for _ in range(3))
@@ -118,18 +141,18 @@ def test_window_attention_matches_autograd_with_the_same_mask(shifted, recompute
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, bias)]
     q2, k2, v2, bias2 = leaves
     scores = (q2 * 0.35) @ k2.transpose(-2, -1) + bias2 + (mask.unsqueeze(1) if shifted else 0.0)
-    drop, scale = _drop_mask(scores.shape, 0.25, scores.device)
-    ref = (scores.softmax(-1).masked_fill(drop, 0.0) * scale) @ v2
+    keep, scale = _keep_mask(scores, 0.25)
+    ref = (scores.softmax(-1) * keep * scale) @ v2
     ref.backward(grad)
     torch.testing.assert_close(out, ref)
     for ours, theirs in zip((q, k, v, bias), leaves):
         torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-5, rtol=1e-5)
 
 
-def _stock_pre_activation(norm, act, conv, x, drop=None, scale=1.0):
+def _stock_pre_activation(norm, act, conv, x, keep=None, scale=1.0):
     h = act(norm(x))
-    if drop is not None:
-        h = h.masked_fill(drop, 0.0) * scale
+    if keep is not None:
+        h = h * keep * scale
     return conv(h)
 
 
@@ -143,8 +166,13 @@ def _stock_pre_activation(norm, act, conv, x, drop=None, scale=1.0):
     ],
 )
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_pre_activation_conv_matches_autograd_and_keeps_only_its_input(shape, out_channels, kernel, p, channels_last):
+@pytest.mark.parametrize("slope", [0.1, -0.2])  # backward activates in place for positive slopes only
+def test_pre_activation_conv_matches_autograd_and_keeps_only_its_input(
+    shape, out_channels, kernel, p, channels_last, slope, monkeypatch
+):
     from misfm_nets.fast_cpu import pre_activation_conv
+
+    monkeypatch.setattr(fast_cpu, "_CHUNK", 1000)  # several chunks in the elementwise passes
 
     torch.manual_seed(0)
     padding = tuple(k // 2 for k in ((kernel,) * 3 if isinstance(kernel, int) else kernel))
@@ -153,7 +181,7 @@ def test_pre_activation_conv_matches_autograd_and_keeps_only_its_input(shape, ou
         torch.manual_seed(1)
         norm, act, conv = nn.BatchNorm3d(shape[1]), nn.PReLU(), Conv3d(shape[1], out_channels, kernel, padding=padding)
         with torch.no_grad():
-            norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5), act.weight.fill_(0.1)
+            norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5), act.weight.fill_(slope)
         return norm, act, conv, Dropout(p)
 
     x = torch.randn(shape) * 2 + 1
@@ -168,8 +196,8 @@ def test_pre_activation_conv_matches_autograd_and_keeps_only_its_input(shape, ou
     assert [t.data_ptr() for t in saved if t.is_floating_point()] == [xa.data_ptr()]
     assert [t.dtype for t in saved if not t.is_floating_point()] == ([torch.bool] if p else [])
     torch.manual_seed(5)
-    drop, scale = _drop_mask((shape[0], shape[1]) + shape[2:], p, x.device) if p else (None, 1.0)
-    yb = _stock_pre_activation(*stock[:3], xb, drop, scale)
+    keep, scale = _keep_mask(x, p) if p else (None, 1.0)
+    yb = _stock_pre_activation(*stock[:3], xb, keep, scale)
     torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
     grad = torch.randn_like(ya)
     ya.backward(grad)

@@ -151,7 +151,7 @@ def test_bf16_autocast_stays_close_to_the_fp32_golden_outputs():
 @pytest.mark.parametrize("shifted,recompute", [(False, False), (True, False), (False, True), (True, True)])
 def test_attention_dropout_path_equals_the_explicit_formula(shifted, recompute):
     # Train mode with attention dropout on the CPU: explicit softmax under checkpointing, same draws as unfused.
-    from misfm_nets.fast_cpu import _drop_mask
+    from misfm_nets.fast_cpu import _keep_mask
     from misfm_nets.swin import WindowAttention, shift_mask
 
     torch.manual_seed(0)
@@ -174,8 +174,8 @@ def test_attention_dropout_path_equals_the_explicit_formula(shifted, recompute):
     if mask is not None:
         scores = scores + mask.unsqueeze(1)
     torch.manual_seed(5)
-    drop, scale = _drop_mask(scores.shape, 0.3, scores.device)  # the same draw as the layer's dropout
-    ref = ((scores.softmax(-1).masked_fill(drop, 0.0) * scale) @ qkv[2]).transpose(2, 3).reshape(b, nw, n, c)
+    keep, scale = _keep_mask(scores, 0.3)  # the same draw as the layer's dropout
+    ref = ((scores.softmax(-1) * keep * scale) @ qkv[2]).transpose(2, 3).reshape(b, nw, n, c)
     ref = attn.proj(ref)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
     ref.square().sum().backward()
