@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fast_cpu import Conv3d, Dropout, pre_activation_conv
+from .fast_cpu import Conv3d, Dropout, PReLU, pre_activation_conv
 
 __all__ = ["ConvBlock", "ConvLayer", "DownSample", "UpCatBlock"]
 
@@ -37,7 +37,7 @@ def _factor(dim: int) -> tuple[int, int, int]:
 
 
 def _pre_activation_conv(in_channels: int, out_channels: int, kernel, padding) -> list[nn.Module]:
-    return [nn.BatchNorm3d(in_channels), nn.PReLU(), Conv3d(in_channels, out_channels, kernel, padding=padding)]
+    return [nn.BatchNorm3d(in_channels), PReLU(), Conv3d(in_channels, out_channels, kernel, padding=padding)]
 
 
 class ConvBlock(nn.Module):
@@ -49,7 +49,7 @@ class ConvBlock(nn.Module):
         self.conv_conv = nn.Sequential(
             *_pre_activation_conv(in_channels, out_channels, kernel, padding),
             nn.BatchNorm3d(out_channels),
-            nn.PReLU(),
+            PReLU(),
             Dropout(dropout),
             Conv3d(out_channels, out_channels, kernel, padding=padding),
         )
@@ -85,7 +85,7 @@ class UpCatBlock(nn.Module):
         kernel, padding = _kernel(conv_dim)
         self.up = nn.Sequential(
             nn.BatchNorm3d(high_channels),
-            nn.PReLU(),
+            PReLU(),
             nn.ConvTranspose3d(high_channels, low_channels, kernel_size=factor, stride=factor),
         )
         self.conv = nn.Sequential(*_pre_activation_conv(2 * low_channels, low_channels, kernel, padding))

@@ -17,6 +17,10 @@ they differ only on the CPU in float32 outside autocast and tracing (elsewhere t
 - :func:`pre_activation_conv`: PCT-Net's ``conv(dropout(prelu(batch_norm(x))))`` keeping only ``x`` for backward
   (autograd would keep ``x``, the normalised and the activated tensors); the two are recomputed in backward from
   the saved batch statistics, which costs two elementwise passes and no convolution.
+- :class:`PReLU`: one shared slope runs as leaky ReLU (the same products; its backward kernel is ~3x faster).
+
+Large temporaries are updated in place wherever nothing else holds them: glibc maps every allocation over
+32 MiB anew, and faulting in a fresh 160 MB tensor costs several times the pass that fills it.
 
 Figures: ``benchmarks/README.md`` (``bench_pctnet.py``).
 """
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["Conv3d", "Dropout", "dropout", "pre_activation_conv", "uses_fast_cpu_path", "window_attention"]
+__all__ = ["Conv3d", "Dropout", "PReLU", "dropout", "pre_activation_conv", "uses_fast_cpu_path", "window_attention"]
 
 _MASK_LEVELS = 2**15  # dropout draws are 15-bit integers, uniform on [0, 2**15)
 _SLOW_CONV3D_MAX = 20480  # PyTorch's N*C*D*H bound under which a batch-1 float32 conv takes slow_conv3d
@@ -265,6 +269,35 @@ def _dot_negative_part(a: torch.Tensor, b: torch.Tensor) -> float:
     )
 
 
+class _SharedSlopePReLU(torch.autograd.Function):
+    """``prelu(x, weight)`` with one slope, as leaky ReLU: the same products on vectorised kernels (PReLU's
+    backward is ~3x slower and materialises a slope gradient the size of ``x``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.leaky_relu(x, float(weight))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_w = weight.new_full(weight.shape, _dot_negative_part(grad, x)) if ctx.needs_input_grad[1] else None
+        return torch.ops.aten.leaky_relu_backward(grad, x, float(weight), False), grad_w
+
+
+class PReLU(nn.PReLU):
+    """:class:`torch.nn.PReLU`; with one shared slope on the CPU in float32 it runs as leaky ReLU (see
+    :class:`_SharedSlopePReLU`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.num_parameters != 1 or not uses_fast_cpu_path(x):
+            return super().forward(x)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _SharedSlopePReLU.apply(x, self.weight)
+        return F.leaky_relu(x, float(self.weight))
+
+
 class _PreActivationConv(torch.autograd.Function):
     """``conv(drop(prelu(batch_norm(x))))`` in training mode, keeping only ``x`` (and the batch statistics and
     the bool dropout mask) for backward. The normalised and activated tensors, which autograd would keep (two
@@ -339,7 +372,7 @@ def pre_activation_conv(
         and uses_fast_cpu_path(x) and x.numel() > x.shape[1]  # BatchNorm3d itself rejects one value per channel
         and not any(m._forward_hooks or m._forward_pre_hooks for m in (norm, act, conv))  # e.g. weight_norm
         and isinstance(conv, Conv3d) and not conv.is_pointwise() and conv.padding_mode == "zeros"
-        and isinstance(conv.padding, tuple) and type(act) is nn.PReLU and act.num_parameters == 1 and 0.0 <= p < 1.0
+        and isinstance(conv.padding, tuple) and type(act) in (nn.PReLU, PReLU) and act.num_parameters == 1 and 0.0 <= p < 1.0
         and (x.requires_grad or any(t.requires_grad for t in (norm.weight, act.weight, conv.weight)))
     )
     if not fused:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from misfm_nets import fast_cpu
-from misfm_nets.fast_cpu import Conv3d, Dropout, _keep_mask, dropout, window_attention
+from misfm_nets.fast_cpu import Conv3d, Dropout, PReLU, _keep_mask, dropout, window_attention
 
 
 def _profiled_ops(fn) -> set:
@@ -103,6 +103,31 @@ def test_masked_scale_walks_both_tensors_in_memory_order(layout, monkeypatch):
     assert torch.equal(fast_cpu._masked_scale(other, keep, scale, torch.empty_like(other)), expected)
     grad = torch.randn_like(x)
     assert fast_cpu._dot_negative_part(grad, x) == pytest.approx(float((grad.double() * x.double().clamp(max=0)).sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("num_parameters", [1, 3])  # several slopes: the stock layer
+def test_prelu_matches_torch(channels_last, num_parameters, monkeypatch):
+    monkeypatch.setattr(fast_cpu, "_CHUNK", 1000)
+    ours, ref = PReLU(num_parameters, init=0.2), nn.PReLU(num_parameters, init=0.2)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(2, 3, 5, 6, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    grad = torch.randn_like(x)
+    results = []
+    for layer in (ours, ref):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(grad)
+        results.append((y.detach(), xi.grad, layer.weight.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    torch.testing.assert_close(results[0][2], results[1][2], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))
+    if num_parameters == 1:
+        assert "aten::_prelu_kernel_backward" not in _profiled_ops(lambda: ours(x.requires_grad_()).sum().backward())
 
 
 def test_dropout_is_seeded_and_stock_where_it_should_be():
