@@ -17,6 +17,8 @@ they differ only on the CPU in float32 outside autocast and tracing (elsewhere t
 - :func:`pre_activation_conv`: PCT-Net's ``conv(dropout(prelu(batch_norm(x))))`` keeping only ``x`` for backward
   (autograd would keep ``x``, the normalised and the activated tensors); the two are recomputed in backward from
   the saved batch statistics, which costs two elementwise passes and no convolution.
+- :func:`transformer_mlp`: the Swin blocks' ``fc2(dropout(gelu(fc1(x))))`` keeping ``x`` and the pre-activation
+  for backward (autograd would also keep the dropped activation); backward recomputes one GELU.
 - :class:`PReLU`: one shared slope runs as leaky ReLU (the same products; its backward kernel is ~3x faster).
 
 Large temporaries are updated in place wherever nothing else holds them: glibc maps every allocation over
@@ -35,7 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["Conv3d", "Dropout", "PReLU", "dropout", "pre_activation_conv", "uses_fast_cpu_path", "window_attention"]
+__all__ = [
+    "Conv3d", "Dropout", "PReLU", "dropout", "pre_activation_conv", "transformer_mlp", "uses_fast_cpu_path",
+    "window_attention",
+]
 
 _MASK_LEVELS = 2**15  # dropout draws are 15-bit integers, uniform on [0, 2**15)
 _SLOW_CONV3D_MAX = 20480  # PyTorch's N*C*D*H bound under which a batch-1 float32 conv takes slow_conv3d
@@ -206,6 +211,67 @@ def window_attention(
     if mask is not None:
         mask = mask.to(q.dtype)
     return _WindowAttention.apply(q, k, v, bias.to(q.dtype), mask, scale, p, recompute)
+
+
+class _TransformerMlp(torch.autograd.Function):
+    """``linear2(dropout(gelu(linear1(x))))`` keeping ``x`` and the hidden pre-activation for backward (autograd
+    would also keep the dropped activation, the size of the pre-activation); backward recomputes the activation
+    (one GELU pass) and updates every hidden-size temporary in place."""
+
+    @staticmethod
+    def forward(ctx, x, weight1, bias1, weight2, bias2, approximate: str, p: float):
+        pre = F.linear(x, weight1, bias1)
+        hidden = F.gelu(pre, approximate=approximate)
+        keep, scale = _keep_mask(hidden, p) if p > 0.0 else (None, 1.0)
+        if keep is not None:
+            _masked_scale(hidden, keep, scale, hidden)
+        out = F.linear(hidden, weight2, bias2)
+        ctx.save_for_backward(x, weight1, weight2, pre, keep)
+        ctx.approximate, ctx.scale = approximate, scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight1, weight2, pre, keep = ctx.saved_tensors
+        x_shape = x.shape
+        grad_out, x, pre = grad_out.reshape(-1, grad_out.shape[-1]), x.view(-1, x.shape[-1]), pre.view(-1, pre.shape[-1])
+        need = ctx.needs_input_grad
+        grad_w2 = grad_b2 = None
+        if need[3]:
+            hidden = F.gelu(pre, approximate=ctx.approximate)
+            if keep is not None:
+                _masked_scale(hidden, keep.view_as(hidden), ctx.scale, hidden)
+            grad_w2 = grad_out.t().mm(hidden)
+            del hidden
+        if need[4]:
+            grad_b2 = grad_out.sum(0)
+        grad_pre = grad_out.mm(weight2)
+        if keep is not None:
+            _masked_scale(grad_pre, keep.view_as(grad_pre), ctx.scale, grad_pre)
+        torch.ops.aten.gelu_backward.grad_input(grad_pre, pre, approximate=ctx.approximate, grad_input=grad_pre)
+        grad_x = grad_pre.mm(weight1).view(x_shape) if need[0] else None
+        grad_w1 = grad_pre.t().mm(x) if need[1] else None
+        grad_b1 = grad_pre.sum(0) if need[2] else None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+
+def transformer_mlp(fc1: nn.Linear, act: nn.GELU, drop: nn.Dropout, fc2: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``fc2(drop(act(fc1(x))))`` on the last axis of ``x``. In float32 CPU training only ``x`` and the
+    pre-activation are kept for backward (see :class:`_TransformerMlp`); elsewhere the modules are called in turn."""
+    fused = (
+        torch.is_grad_enabled() and uses_fast_cpu_path(x) and x.is_contiguous()
+        and type(fc1) is nn.Linear and type(fc2) is nn.Linear and type(act) is nn.GELU and type(drop) is Dropout
+        and not drop.inplace and fc1.bias is not None and fc2.bias is not None
+        and not any(m._forward_hooks or m._forward_pre_hooks for m in (fc1, act, drop, fc2))
+        and (x.requires_grad or any(t.requires_grad for t in (fc1.weight, fc1.bias, fc2.weight, fc2.bias)))
+    )
+    if not fused:
+        return fc2(drop(act(fc1(x))))
+    p = drop.p if drop.training else 0.0
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    return _TransformerMlp.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act.approximate, p)
 
 
 def _routes_to_slow_conv3d(x: torch.Tensor, groups: int, kernel: Tuple[int, ...]) -> bool:

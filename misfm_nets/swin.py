@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import fast_cpu
-from .fast_cpu import Dropout, window_attention
+from .fast_cpu import Dropout, transformer_mlp, window_attention
 
 __all__ = ["relative_position_index", "window_indices", "WindowAttention", "SwinBlock", "SwinLayer"]
 
@@ -196,7 +196,7 @@ class Mlp(nn.Module):
         self.drop = Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return self.drop(transformer_mlp(self.fc1, self.act, self.drop, self.fc2, x))
 
 
 class SwinBlock(nn.Module):

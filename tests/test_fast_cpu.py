@@ -235,6 +235,39 @@ def test_pre_activation_conv_matches_autograd_and_keeps_only_its_input(
             torch.testing.assert_close(ba, bb, msg=name)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_transformer_mlp_matches_autograd_and_keeps_no_activation(p, approximate, monkeypatch):
+    from misfm_nets.fast_cpu import transformer_mlp
+
+    monkeypatch.setattr(fast_cpu, "_CHUNK", 1000)  # several chunks in the elementwise passes
+    torch.manual_seed(0)
+    fc1, act, drop, fc2 = nn.Linear(6, 24), nn.GELU(approximate), Dropout(p), nn.Linear(24, 6)
+    x = torch.randn(2, 3, 4, 5, 6)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(5)
+    ya = transformer_mlp(fc1, act, drop, fc2, xa)
+    saved = [t for t in ya.grad_fn.saved_tensors if t is not None and t.numel() >= 24 * x.numel() // 6]
+    # the pre-activation, and with dropout the bool mask: the activation itself is recomputed
+    assert sorted(str(t.dtype) for t in saved) == (["torch.bool", "torch.float32"] if p else ["torch.float32"])
+    grad = torch.randn_like(ya)
+    ya.backward(grad)
+    ours = [xa.grad] + [t.grad.clone() for t in (fc1.weight, fc1.bias, fc2.weight, fc2.bias)]
+    for t in (fc1.weight, fc1.bias, fc2.weight, fc2.bias):
+        t.grad = None
+    torch.manual_seed(5)
+    hidden = act(fc1(xb))
+    keep, scale = _keep_mask(hidden, p) if p else (torch.ones_like(hidden, dtype=torch.bool), 1.0)
+    yb = fc2(hidden * keep * scale)
+    torch.testing.assert_close(ya, yb)
+    yb.backward(grad)
+    for a, b in zip(ours, [xb.grad] + [t.grad for t in (fc1.weight, fc1.bias, fc2.weight, fc2.bias)]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the unfused path draws the same mask
+        torch.manual_seed(5)
+        torch.testing.assert_close(transformer_mlp(fc1, act, drop, fc2, x), ya.detach())
+
+
 def test_pctnet_training_step_equals_the_stock_layers(monkeypatch):
     # Train mode (batch statistics, running-stat updates), no dropout so both draw nothing: the whole network on
     # the fast CPU layers against the same network on stock PyTorch layers.
