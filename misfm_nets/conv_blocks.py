@@ -91,7 +91,7 @@ class UpCatBlock(nn.Module):
         self.conv = nn.Sequential(*_pre_activation_conv(2 * low_channels, low_channels, kernel, padding))
 
     def forward(self, x_low: torch.Tensor, x_high: torch.Tensor) -> torch.Tensor:
-        return pre_activation_conv(*self.conv, torch.cat([x_low, self.up(x_high)], dim=1))
+        return pre_activation_conv(*self.conv, torch.cat([x_low, pre_activation_conv(*self.up, x_high)], dim=1))
 
 
 class ConvLayer(nn.Module):
@@ -102,4 +102,4 @@ class ConvLayer(nn.Module):
         self.conv = nn.Sequential(*_pre_activation_conv(in_channels, out_channels, 1, 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return pre_activation_conv(*self.conv, x)

@@ -364,6 +364,51 @@ class PReLU(nn.PReLU):
         return F.leaky_relu(x, float(self.weight))
 
 
+def _conv_apply(conv: nn.Module, h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The forward of ``conv`` (our :class:`Conv3d` or a stock ``nn.ConvTranspose3d``) with the given parameters."""
+    if isinstance(conv, Conv3d):
+        return conv._conv_forward(h, weight, bias)
+    return F.conv_transpose3d(h, weight, bias, conv.stride, conv.padding, conv.output_padding, conv.groups, conv.dilation)
+
+
+def _pointwise_backward(
+    grad_y: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, needs: Tuple[bool, bool]
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of the 1x1x1 convolution ``y = W h + b`` as matrix products over the channel axis:
+    ``(d h, d W (if needs[0]), d b (if needs[1]))``; channels-last tensors are read in their own layout."""
+    w2 = weight.flatten(1)  # (C_out, C_in)
+    if grad_y.is_contiguous() and h.is_contiguous():  # (N, C, D*H*W) per sample
+        gy, hh = grad_y.flatten(2), h.flatten(2)
+        grad_h = torch.matmul(w2.t(), gy).view(h.shape)
+        grad_w = torch.matmul(gy, hh.transpose(1, 2)).sum(0).view_as(weight) if needs[0] else None
+    else:  # (N, D, H, W, C): views without a copy for channels-last tensors
+        gy, hh = grad_y.movedim(1, -1), h.movedim(1, -1)
+        grad_h = torch.matmul(gy, w2).movedim(-1, 1)
+        grad_w = gy.reshape(-1, gy.shape[-1]).t().mm(hh.reshape(-1, hh.shape[-1])).view_as(weight) if needs[0] else None
+    grad_b = grad_y.sum((0, 2, 3, 4)) if needs[1] else None
+    return grad_h, grad_w, grad_b
+
+
+def _conv_backward(
+    conv: nn.Module, grad_y: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, routed: bool,
+    needs: Tuple[bool, bool],
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(d h, d weight, d bias)`` of :func:`_conv_apply` (``needs``: whether weight and bias gradients are wanted)."""
+    if isinstance(conv, Conv3d) and conv.is_pointwise():
+        return _pointwise_backward(grad_y, h, weight, needs)
+    transposed = not isinstance(conv, Conv3d)
+    h_in, groups = (torch.cat([h, h], 1), 2) if routed else (h, conv.groups)
+    grad_h, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_y, h_in, weight, [grad_y.shape[1]] if needs[1] else None, conv.stride, conv.padding, conv.dilation,
+        transposed, conv.output_padding if transposed else [0] * len(conv.stride), groups, [True, needs[0], needs[1]],
+    )
+    del h_in
+    if routed:
+        half = grad_h.shape[1] // 2
+        grad_h = grad_h[:, :half] + grad_h[:, half:]
+    return grad_h, grad_w, grad_b
+
+
 class _PreActivationConv(torch.autograd.Function):
     """``conv(drop(prelu(batch_norm(x))))`` in training mode, keeping only ``x`` (and the batch statistics and
     the bool dropout mask) for backward. The normalised and activated tensors, which autograd would keep (two
@@ -385,8 +430,8 @@ class _PreActivationConv(torch.autograd.Function):
         F.leaky_relu_(h, float(act_weight))
         if keep is not None:
             _masked_scale(h, keep, scale, h)
-        ctx.routed = conv.routes_to_onednn(h)
-        y = conv._conv_forward(h, conv_weight, conv_bias)
+        ctx.routed = isinstance(conv, Conv3d) and conv.routes_to_onednn(h)
+        y = _conv_apply(conv, h, conv_weight, conv_bias)
         ctx.save_for_backward(x, norm_weight, norm_bias, act_weight, conv_weight, mean, invstd, keep)
         ctx.conv, ctx.eps, ctx.scale, ctx.has_bias = conv, norm.eps, scale, conv_bias is not None
         return y
@@ -403,15 +448,9 @@ class _PreActivationConv(torch.autograd.Function):
         h_in = F.leaky_relu_(normed, slope) if in_place else F.leaky_relu(normed, slope)
         if keep is not None:
             _masked_scale(h_in, keep, ctx.scale, h_in)
-        conv_in, groups = (torch.cat([h_in, h_in], 1), 2) if ctx.routed else (h_in, conv.groups)
-        grad_h, grad_cw, grad_cb = torch.ops.aten.convolution_backward(
-            grad_y, conv_in, conv_weight, [conv_weight.shape[0]] if ctx.has_bias else None, conv.stride, conv.padding,
-            conv.dilation, False, [0] * len(conv.stride), groups, [True, ctx.needs_input_grad[4], ctx.has_bias],
+        grad_h, grad_cw, grad_cb = _conv_backward(
+            conv, grad_y, h_in, conv_weight, ctx.routed, (ctx.needs_input_grad[4], ctx.has_bias)
         )
-        del conv_in
-        if ctx.routed:
-            half = grad_h.shape[1] // 2
-            grad_h = grad_h[:, :half] + grad_h[:, half:]
         if keep is not None:  # dropped entries get no gradient, so their activation values no longer matter
             _masked_scale(grad_h, keep, ctx.scale, grad_h)
         # the activation's input (its sign and negative part): the result itself when activated in place
@@ -428,16 +467,17 @@ class _PreActivationConv(torch.autograd.Function):
 
 
 def pre_activation_conv(
-    norm: nn.BatchNorm3d, act: nn.PReLU, conv: nn.Conv3d, x: torch.Tensor, drop: Optional[nn.Dropout] = None
+    norm: nn.BatchNorm3d, act: nn.PReLU, conv: nn.Module, x: torch.Tensor, drop: Optional[nn.Dropout] = None
 ) -> torch.Tensor:
-    """``conv(drop(act(norm(x))))``. In float32 CPU training only ``x`` is kept for backward (see
-    :class:`_PreActivationConv`); elsewhere, and for pointwise convolutions, the modules are called in turn."""
+    """``conv(drop(act(norm(x))))`` with ``conv`` our :class:`Conv3d` (pointwise included) or a stock
+    ``nn.ConvTranspose3d``. In float32 CPU training only ``x`` is kept for backward (see
+    :class:`_PreActivationConv`); elsewhere the modules are called in turn."""
     p = drop.p if drop is not None and drop.training else 0.0
     fused = (
         torch.is_grad_enabled() and type(norm) is nn.BatchNorm3d and norm.training and norm.affine  # not SyncBN
         and uses_fast_cpu_path(x) and x.numel() > x.shape[1]  # BatchNorm3d itself rejects one value per channel
         and not any(m._forward_hooks or m._forward_pre_hooks for m in (norm, act, conv))  # e.g. weight_norm
-        and isinstance(conv, Conv3d) and not conv.is_pointwise() and conv.padding_mode == "zeros"
+        and (isinstance(conv, Conv3d) or type(conv) is nn.ConvTranspose3d) and conv.padding_mode == "zeros"
         and isinstance(conv.padding, tuple) and type(act) in (nn.PReLU, PReLU) and act.num_parameters == 1 and 0.0 <= p < 1.0
         and (x.requires_grad or any(t.requires_grad for t in (norm.weight, act.weight, conv.weight)))
     )

@@ -98,7 +98,7 @@ def test_bundle_layout(bundle):
         assert (root / rel).is_file(), rel
     assert "Apache License" in (root / "LICENSE").read_text()
     meta = json.loads((root / "configs" / "metadata.json").read_text())
-    assert meta["version"] == "0.1.1" and list(meta["changelog"]) == ["0.1.1", "0.1.0"]  # newest first
+    assert meta["version"] == "0.1.2" and list(meta["changelog"]) == ["0.1.2", "0.1.1", "0.1.0"]  # newest first
     names = json.loads((root / "params.json").read_text())["config"]["label_names"]
     assert list(meta["network_data_format"]["outputs"]["pred"]["channel_def"].values()) == names
 
@@ -353,7 +353,7 @@ def _venv_without_misfm(path: Path) -> Path:
 def test_zip_distribution_runs_without_repo(abdomen, tmp_path):
     dist = tmp_path / "dist"
     zips = build.build(dist)
-    assert sorted(z.name for z in zips) == sorted(f"{b}_v0.1.1.zip" for b in bu.ALL_BUNDLES)
+    assert sorted(z.name for z in zips) == sorted(f"{b}_v0.1.2.zip" for b in bu.ALL_BUNDLES)
     for z in zips:
         names = zipfile.ZipFile(z).namelist()
         bundle = z.name.split("_v")[0]
@@ -375,8 +375,8 @@ def test_zip_distribution_runs_without_repo(abdomen, tmp_path):
                                capture_output=True, encoding="utf-8", errors="replace")
         assert probe.returncode != 0 and "No module named 'misfm_nets'" in probe.stderr, probe.stderr
         name = "misfm_abdomen_ct_segmentation"
-        url = f"http://127.0.0.1:{server.server_address[1]}/{name}_v0.1.1.zip"
-        r = subprocess.run([str(python), "-m", "monai.bundle", "download", "--name", name, "--version", "0.1.1",
+        url = f"http://127.0.0.1:{server.server_address[1]}/{name}_v0.1.2.zip"
+        r = subprocess.run([str(python), "-m", "monai.bundle", "download", "--name", name, "--version", "0.1.2",
                             "--url", url, "--bundle_dir", str(work / "bundles")], cwd=work, env=env,
                            capture_output=True, encoding="utf-8", errors="replace", timeout=120)
         _ok(r)

@@ -188,6 +188,8 @@ def _stock_pre_activation(norm, act, conv, x, keep=None, scale=1.0):
         ((1, 8, 8, 16, 16), 8, 3, 0.3),  # with the block's dropout
         ((2, 4, 6, 12, 10), 6, (1, 3, 3), 0.0),  # batch 2, in-plane kernel: stock kernel
         ((1, 6, 4, 8, 8), 5, 3, 0.2),  # odd out channels: stock kernel
+        ((1, 8, 8, 16, 16), 5, 1, 0.0),  # pointwise output head
+        ((2, 6, 4, 8, 8), 4, "transposed", 0.0),  # up-sampling: ConvTranspose3d, kernel = stride = 2
     ],
 )
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -200,11 +202,15 @@ def test_pre_activation_conv_matches_autograd_and_keeps_only_its_input(
     monkeypatch.setattr(fast_cpu, "_CHUNK", 1000)  # several chunks in the elementwise passes
 
     torch.manual_seed(0)
-    padding = tuple(k // 2 for k in ((kernel,) * 3 if isinstance(kernel, int) else kernel))
 
     def modules():
         torch.manual_seed(1)
-        norm, act, conv = nn.BatchNorm3d(shape[1]), nn.PReLU(), Conv3d(shape[1], out_channels, kernel, padding=padding)
+        if kernel == "transposed":
+            conv = nn.ConvTranspose3d(shape[1], out_channels, 2, stride=2)
+        else:
+            padding = tuple(k // 2 for k in ((kernel,) * 3 if isinstance(kernel, int) else kernel))
+            conv = Conv3d(shape[1], out_channels, kernel, padding=padding)
+        norm, act = nn.BatchNorm3d(shape[1]), nn.PReLU()
         with torch.no_grad():
             norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5), act.weight.fill_(slope)
         return norm, act, conv, Dropout(p)
