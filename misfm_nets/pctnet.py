@@ -210,14 +210,15 @@ class PCTNet(nn.Module):
             windowed attention with dropout (CPU training) are not kept but recomputed in backward (one product
             and one softmax per block). Same outputs, gradients and BatchNorm statistics as without.
         channels_last: run the convolutions in ``torch.channels_last_3d`` layout (input converted inside,
-            outputs returned contiguous). Same results up to float rounding (in float32 CPU training the dropout
-            masks are drawn in logical order, so they equal the contiguous run's; PyTorch's own dropout may draw
-            in memory order); the transformer tokens then need no layout copy.
+            outputs returned contiguous). Same results up to float rounding in eval mode; in training the
+            dropout masks are drawn in memory order, so they differ from the contiguous run's (as PyTorch's own
+            dropout may). The transformer tokens then need no layout copy.
 
     Float32 training on the CPU runs on the layers of :mod:`misfm_nets.fast_cpu`: oneDNN for the small
     convolutions PyTorch would send to its im2col kernel, 1-byte dropout masks (``p`` rounded to a multiple of
-    2**-15, drawn from torch's generator in another order than ``nn.Dropout``), BatchNorm-PReLU-conv triples and
-    attention that keep only what backward cannot cheaply recompute. The network and its gradients are the same.
+    2**-15, drawn from torch's generator in another order than ``nn.Dropout``), BatchNorm-PReLU-conv triples,
+    attention and transformer MLPs that keep only what backward cannot cheaply recompute, and large temporaries
+    updated in place. The network and its gradients are the same.
 
     Shapes: ``(N, in_channels, *spatial) -> (N, out_channels, *spatial)`` (or the list of 4 with deep supervision).
 
