@@ -58,7 +58,9 @@ def uses_fast_cpu_path(x: torch.Tensor) -> bool:
 
 def _memory_order_view(t: torch.Tensor) -> Optional[torch.Tensor]:
     """``t``'s elements as a 1-D view in memory order (contiguous, channels-last or any dense permutation), or
-    None where ``t`` has gaps or overlaps."""
+    None where ``t`` has gaps or overlaps. A plain tensor even for subclasses (slices of a batched MONAI
+    ``MetaTensor`` would be taken as batch items)."""
+    t = t.as_subclass(torch.Tensor)
     order = sorted(range(t.dim()), key=lambda i: t.stride(i), reverse=True)
     permuted = t.permute(order)
     return permuted.view(-1) if permuted.is_contiguous() else None
@@ -71,9 +73,11 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _keep_mask(like: torch.Tensor, p: float) -> Tuple[torch.Tensor, float]:
-    """``(keep (bool, like's shape and layout), scale)``: an element is dropped with probability ``p`` rounded to
-    k / 2**15, and ``scale = 1 / P(keep)``. Drawn from torch's default generator in ``like``'s memory order, so
-    ``torch.manual_seed`` fixes it and :func:`_masked_scale` can walk both tensors in step.
+    """``(keep (bool, like's shape), scale)``: an element is dropped with probability ``p`` rounded to k / 2**15,
+    and ``scale = 1 / P(keep)`` (0 when all are dropped). Drawn from torch's default generator, so
+    ``torch.manual_seed`` fixes it. For a dense ``like`` (contiguous, channels-last, ...) the mask has its strides
+    and is drawn in its memory order, so :func:`_masked_scale` can walk both tensors in step; otherwise it is
+    contiguous.
 
     One 63-bit draw gives four 15-bit numbers (int64 ``random_`` viewed as int16, sign bits cleared): one draw
     per four elements.
@@ -260,7 +264,7 @@ def transformer_mlp(fc1: nn.Linear, act: nn.GELU, drop: nn.Dropout, fc2: nn.Line
     """``fc2(drop(act(fc1(x))))`` on the last axis of ``x``. In float32 CPU training only ``x`` and the
     pre-activation are kept for backward (see :class:`_TransformerMlp`); elsewhere the modules are called in turn."""
     fused = (
-        torch.is_grad_enabled() and uses_fast_cpu_path(x) and x.is_contiguous()
+        torch.is_grad_enabled() and fc1.training and uses_fast_cpu_path(x) and x.is_contiguous()
         and type(fc1) is nn.Linear and type(fc2) is nn.Linear and type(act) is nn.GELU and type(drop) is Dropout
         and not drop.inplace and fc1.bias is not None and fc2.bias is not None
         and not any(m._forward_hooks or m._forward_pre_hooks for m in (fc1, act, drop, fc2))
@@ -359,9 +363,11 @@ class PReLU(nn.PReLU):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.num_parameters != 1 or not uses_fast_cpu_path(x):
             return super().forward(x)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        if not torch.is_grad_enabled() or not (x.requires_grad or self.weight.requires_grad):
+            return F.leaky_relu(x, float(self.weight))
+        if self.training:  # training backward on the faster kernels; eval keeps double backward (stock)
             return _SharedSlopePReLU.apply(x, self.weight)
-        return F.leaky_relu(x, float(self.weight))
+        return super().forward(x)
 
 
 def _conv_apply(conv: nn.Module, h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -444,7 +450,7 @@ class _PreActivationConv(torch.autograd.Function):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         gain = invstd * norm_weight
         normed = torch.addcmul((norm_bias - mean * gain).view(shape), x, gain.view(shape))
-        in_place = slope >= _MIN_IN_PLACE_SLOPE
+        in_place = slope >= _MIN_IN_PLACE_SLOPE and ctx.scale > 0.0  # scale 0: p rounded to 1, all dropped
         h_in = F.leaky_relu_(normed, slope) if in_place else F.leaky_relu(normed, slope)
         if keep is not None:
             _masked_scale(h_in, keep, ctx.scale, h_in)

@@ -274,6 +274,43 @@ def test_transformer_mlp_matches_autograd_and_keeps_no_activation(p, approximate
         torch.testing.assert_close(transformer_mlp(fc1, act, drop, fc2, x), ya.detach())
 
 
+def test_fused_layers_survive_a_dropout_that_drops_everything():
+    # p rounds to 2**15 / 2**15: every entry dropped, scale 0; backward must give zeros, not divide by the scale
+    from misfm_nets.fast_cpu import pre_activation_conv
+
+    x = torch.randn(1, 4, 4, 8, 8, requires_grad=True)
+    y = pre_activation_conv(nn.BatchNorm3d(4), PReLU(), Conv3d(4, 4, 3, padding=1), x, Dropout(1 - 1e-6))
+    y.sum().backward()
+    assert torch.count_nonzero(x.grad) == 0
+
+
+def test_training_step_on_a_batched_meta_tensor():
+    # MONAI pipelines feed batched MetaTensors: chunked views of them must not be taken as batch slices.
+    from monai.data import MetaTensor, list_data_collate
+
+    from misfm_nets import PCTNet
+
+    torch.manual_seed(0)
+    net = PCTNet(1, 2, (16, 32, 32), feature_channels=(4, 8, 16, 32, 64), num_heads=(2, 4, 8)).train()
+    items = [{"image": MetaTensor(torch.randn(1, 16, 32, 32), meta={"filename_or_obj": f"case{i}.nii.gz"})}
+             for i in range(2)]
+    x = list_data_collate(items)["image"]
+    assert isinstance(x, MetaTensor) and x.is_batch
+    net(x).square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_eval_mode_keeps_double_backward():
+    # Input-gradient penalties need create_graph in eval mode: there the layers stay on stock autograd.
+    from misfm_nets import PCTNet
+
+    net = PCTNet(1, 2, (16, 32, 32), feature_channels=(4, 8, 16, 32, 64), num_heads=(2, 4, 8)).eval()
+    x = torch.randn(1, 1, 16, 32, 32, requires_grad=True)
+    (grad,) = torch.autograd.grad(net(x).square().sum(), x, create_graph=True)
+    grad.square().sum().backward()
+    assert net.pyramid_ct.down3.conv[2].weight.grad is not None
+
+
 def test_pctnet_training_step_equals_the_stock_layers(monkeypatch):
     # Train mode (batch statistics, running-stat updates), no dropout so both draw nothing: the whole network on
     # the fast CPU layers against the same network on stock PyTorch layers.
