@@ -72,6 +72,15 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
 
 
+def _flat_in_step(*tensors: torch.Tensor) -> Optional[Tuple[torch.Tensor, ...]]:
+    """The tensors' :func:`_memory_order_view` s where all are dense and share the first one's layout (so chunks of
+    the views pair element by element), else None."""
+    flats = tuple(_memory_order_view(t) for t in tensors)
+    if any(f is None for f in flats) or not all(_same_layout(tensors[0], t) for t in tensors[1:]):
+        return None
+    return flats
+
+
 def _keep_mask(like: torch.Tensor, p: float) -> Tuple[torch.Tensor, float]:
     """``(keep (bool, like's shape), scale)``: an element is dropped with probability ``p`` rounded to k / 2**15,
     and ``scale = 1 / P(keep)`` (0 when all are dropped). Drawn from torch's default generator, so
@@ -100,10 +109,11 @@ def _masked_scale(x: torch.Tensor, keep: torch.Tensor, scale: float, out: torch.
     whole mask to a float temporary first (a fresh allocation that costs more in page faults than the multiply).
     Tensors of one layout are therefore walked in chunks whose float temporaries the allocator reuses.
     """
-    flat_x, flat_keep, flat_out = _memory_order_view(x), _memory_order_view(keep), _memory_order_view(out)
-    if flat_x is None or flat_keep is None or flat_out is None or not (_same_layout(x, keep) and _same_layout(x, out)):
+    flats = _flat_in_step(x, keep, out)
+    if flats is None:
         torch.mul(x, keep, out=out)
         return out.mul_(scale) if scale != 1.0 else out
+    flat_x, flat_keep, flat_out = flats
     for start in range(0, flat_x.numel(), _CHUNK):
         part = torch.mul(flat_x[start : start + _CHUNK], flat_keep[start : start + _CHUNK], out=flat_out[start : start + _CHUNK])
         if scale != 1.0:
@@ -331,9 +341,10 @@ class Conv3d(nn.Conv3d):
 def _dot_negative_part(a: torch.Tensor, b: torch.Tensor) -> float:
     """``sum(a * min(b, 0))`` for tensors of one shape, accumulated in float64 over chunks (no temporary the size
     of ``b`` where both have one dense layout)."""
-    flat_a, flat_b = _memory_order_view(a), _memory_order_view(b)
-    if flat_a is None or flat_b is None or not _same_layout(a, b):
+    flats = _flat_in_step(a, b)
+    if flats is None:
         return float(torch.dot(a.reshape(-1), b.clamp(max=0).reshape(-1)))
+    flat_a, flat_b = flats
     return math.fsum(
         float(torch.dot(flat_a[i : i + _CHUNK], flat_b[i : i + _CHUNK].clamp(max=0))) for i in range(0, flat_a.numel(), _CHUNK)
     )
