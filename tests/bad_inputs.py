@@ -159,6 +159,37 @@ def _missing(root):
     return root / "does_not_exist.nii.gz"
 
 
+def _crc_corrupt(root):
+    """A .nii.gz whose deflate stream decodes but whose stored CRC32 no longer matches (a changed byte)."""
+    img, _ = _good(root, "crc_src", shape=(40, 40, 20), labels=False)
+    data = bytearray(img.read_bytes())
+    data[-8] ^= 0xFF  # the CRC32 field of the gzip trailer
+    out = root / "crc_corrupt.nii.gz"
+    out.write_bytes(bytes(data))
+    return out
+
+
+def _write_itk(path: Path, arr: np.ndarray, spacing=bu.SPACING, origin=(-40.0, 12.5, 100.0)) -> Path:
+    """An (x, y, z) array as any ITK format (by the suffix: .nrrd, .mha, ...), with the given geometry."""
+    import itk
+
+    image = itk.image_from_array(np.ascontiguousarray(arr.transpose(2, 1, 0)))  # ITK arrays are (z, y, x)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(o) for o in origin])
+    itk.imwrite(image, str(path))
+    return path
+
+
+def _nrrd_pair(root, label_origin=(-40.0, 12.5, 100.0)):
+    """An NRRD image and its NRRD label (the label's origin is given: 30 mm off along z is a different grid)."""
+    gi, gl = _good(root, "nrrd_src")
+    img = nib.load(str(gi))
+    image = _write_itk(root / "ct.nrrd", np.asanyarray(img.dataobj).astype(np.int16))
+    label = _write_itk(root / "ct_label.nrrd", np.asanyarray(nib.load(str(gl)).dataobj).astype(np.uint8),
+                       origin=label_origin)
+    return image, label
+
+
 def _dicom_folder_mixed(root):
     """A folder holding two DICOM series (different SeriesInstanceUID), written with SimpleITK."""
     import pytest
@@ -191,6 +222,11 @@ def _label_from(img_path, fn, dtype=np.uint8, affine=None):
 
 def _lab_shape(root, img):
     return _save(root / "lab_shape.nii.gz", np.zeros((40, 40, 19), np.uint8))
+
+
+def _lab_all_zero(root, img):
+    arr, aff = _label_from(img, lambda a: a)
+    return _save(root / "lab_empty.nii.gz", arr, aff)
 
 
 def _lab_affine(root, img):
@@ -249,6 +285,24 @@ def _foreign_checkpoint(root: Path) -> Case:
     gi, gl = _good(root, "good")
     dl = {"training": [{"image": str(gi), "label": str(gl)}], "validation": [{"image": str(gi), "label": str(gl)}]}
     return Case("foreign_checkpoint", "both", "error", ("resnet_like.pt", "does not fit"), datalist=dl,
+                overrides={"pretrained_checkpoint": str(path)})
+
+
+def _nan_checkpoint(root: Path) -> Case:
+    """A checkpoint of the right network whose weights diverged (NaN)."""
+    import torch
+
+    from misfm_nets import PCTNet
+
+    root.mkdir(parents=True, exist_ok=True)
+    net = PCTNet(1, N_CLASSES, (32, 32, 16), feature_channels=(4, 8, 16, 32, 64), num_heads=(2, 4, 8), axis_order="xyz")
+    state = net.state_dict()
+    state["pyramid_ct.convtrans_e2.conv.conv_conv.2.weight"].fill_(float("nan"))
+    path = root / "diverged.pt"
+    torch.save(state, path)
+    gi, gl = _good(root, "good")
+    dl = {"training": [{"image": str(gi), "label": str(gl)}], "validation": [{"image": str(gi), "label": str(gl)}]}
+    return Case("nan_pretrained_checkpoint", "both", "error", ("diverged.pt", "NaN/Inf weights"), datalist=dl,
                 overrides={"pretrained_checkpoint": str(path)})
 
 
@@ -346,6 +400,12 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "image_smaller_than_roi": _image_case("image_smaller_than_roi", "both", "ok", (), _small),
     "image_mr_range": _image_case("image_mr_range", "both", "warning", ("{file}", "not CT"), _mr_range),
     "image_missing": _image_case("image_missing", "both", "error", ("{file}", "does not exist"), _missing),
+    "image_crc_corrupt": _image_case("image_crc_corrupt", "both", "error", ("{file}", "corrupt", "checksum"),
+                                     _crc_corrupt),
+    "image_and_label_nrrd": _image_case("image_and_label_nrrd", "both", "ok", (), _nrrd_pair),
+    "label_nrrd_30mm_off": _image_case("label_nrrd_30mm_off", "segmentation", "error",
+                                       ("ct_label.nrrd", "different affines"),
+                                       lambda root: _nrrd_pair(root, label_origin=(-40.0, 12.5, 130.0))),
     "dicom_folder_mixed_series": _image_case("dicom_folder_mixed_series", "both", "error", ("{file}", "is a folder"),
                                              _dicom_folder_mixed),
     # labels (segmentation)
@@ -359,6 +419,7 @@ CASES: dict[str, Callable[[Path], Case]] = {
                                            _lab_values([0.5, 2.0], "lab_soft.nii.gz", np.float32)),
     "label_float_integer_values": _label_case("label_float_integer_values", "ok", (),
                                               _lab_values([1.0, 4.0], "lab_float.nii.gz", np.float32)),
+    "label_all_zero": _label_case("label_all_zero", "warning", ("{file}", "no foreground"), _lab_all_zero),
     "label_missing": _label_case("label_missing", "error", ("{file}", "does not exist"),
                                  lambda root, img: root / "no_label.nii.gz"),
     # datalists
@@ -394,6 +455,7 @@ CASES: dict[str, Callable[[Path], Case]] = {
                                            target="pretraining"),
     "foreign_pretrained_checkpoint": _foreign_checkpoint,
     "unreadable_pretrained_checkpoint": _pickle_checkpoint,
+    "nan_pretrained_checkpoint": _nan_checkpoint,
     "missing_pretrained_checkpoint": _config_case("missing_pretrained_checkpoint",
                                                   {"pretrained_checkpoint": "/nonexistent/model.pt"},
                                                   ("/nonexistent/model.pt", "does not exist")),

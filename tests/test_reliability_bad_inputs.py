@@ -21,10 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bad_inputs as bi  # noqa: E402
 import bundle_utils as bu  # noqa: E402
 
-sys.path.insert(0, str(bu.BUNDLES_DIR / "common"))
 import misfm_bundle_glue as glue  # noqa: E402
 
 THORAX = "misfm_thorax_ct_segmentation"
+# the bundle's own steps before its first training step (the "run" list of train.json, minus the trainer)
+CHECK_STEPS = ("check_settings", "check_fusion", "check_training_list", "check_validation_list", "pretrained_report")
+
 
 def _params():
     out = []
@@ -37,34 +39,41 @@ def _params():
     return out
 
 
-def run_checks(case: bi.Case, kind: str) -> int:
-    """What the bundle's ``initialize`` step runs (validate_inputs + pretrained_report), with tiny settings."""
-    cfg = dict(roi_size=[32, 32, 16], resolution_mode=1, axis_order="xyz", learning_rate=1e-3, batch_size=2,
-               max_epochs=2, epoch_length=None, val_interval=1, checkpoint_interval=100, num_workers=0, cache_rate=1.0,
-               pixdim=[1.0, 1.0, 2.5], intensity_range=[-1000, 1000])
-    cfg.update({k: v for k, v in case.overrides.items() if k in cfg})
-    glue.check_config(**cfg)
-    if kind == "pretraining":
-        glue.check_fusion_options(case.overrides.get("fusion_version", "v1"), False, cfg["batch_size"])
-    if case.datalist_file is not None:
-        train = glue.load_datalist(str(case.datalist_file), "training")
-        val = glue.load_datalist(str(case.datalist_file), "validation")
-    else:
-        train, val = case.datalist["training"], case.datalist["validation"]
-    extra = dict(intensity_range=cfg["intensity_range"])
-    if kind == "segmentation":
-        n = glue.check_datalist(train, num_classes=bi.N_CLASSES, name="training", **extra)
-        if val:
-            glue.check_datalist(val, num_classes=bi.N_CLASSES, name="validation", **extra)
-    else:
-        n = glue.check_datalist(train, keys=["image"], label_key=None, name="training", **extra)
-        if val:
-            glue.check_datalist(val, keys=["image"], label_key=None, name="validation", **extra)
-    if case.overrides.get("pretrained_checkpoint"):
-        net = glue.PCTNet(1, bi.N_CLASSES, input_size=cfg["roi_size"], feature_channels=[4, 8, 16, 32, 64],
-                          num_heads=[2, 4, 8], axis_order="xyz", deep_supervision=kind == "segmentation")
-        glue.load_pretrained_weights(net, case.overrides["pretrained_checkpoint"], mode="encoder")
-    return n
+def _root_cause(err: BaseException) -> BaseException:
+    """MONAI wraps what a ``_target_`` raises ("Failed to instantiate component ..."); users read the cause."""
+    while err.__cause__ is not None and not isinstance(err, ValueError):
+        err = err.__cause__
+    return err
+
+
+def run_checks(case: bi.Case, kind: str, tmp_path: Path, monkeypatch) -> int:
+    """In process, what the bundle does before its first training step: its checks, parsed from its own train.json
+    with tiny settings, then every listed volume through its own loading transform (where voxels are checked)."""
+    from monai.bundle import ConfigParser
+
+    bundle = bu.BUNDLES_DIR / (THORAX if kind == "segmentation" else bu.PRETRAINING)
+    monkeypatch.syspath_prepend(str(bundle))  # what `python -m monai.bundle run` does for the bundle's code
+    datalist = case.datalist_file
+    if datalist is None:
+        datalist = tmp_path / "case_datalist.json"
+        datalist.write_text(json.dumps(case.datalist))
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    tiny = bu.TINY_PRETRAIN if kind == "pretraining" else bu.TINY_TRAIN
+    parser.update({**tiny, "bundle_root": str(bundle), "data_list_file_path": str(datalist),
+                   "dataset_dir": str(datalist.parent), "ckpt_dir": str(tmp_path / "models"),
+                   "output_dir": str(tmp_path / "eval"), **case.overrides})
+    try:
+        for step in CHECK_STEPS:
+            if step in parser:
+                parser.get_parsed_content(step)
+        load = parser.get_parsed_content("preprocessing_transforms")[0]
+        entries = parser.get_parsed_content("train_datalist") + parser.get_parsed_content("val_datalist")
+        for entry in entries:
+            load(entry)
+    except Exception as err:
+        raise _root_cause(err) from None
+    return len(parser.get_parsed_content("train_datalist"))
 
 
 def test_corpus_size():
@@ -73,17 +82,17 @@ def test_corpus_size():
 
 
 @pytest.mark.parametrize("name,kind", _params())
-def test_bad_input_checks(name, kind, tmp_path, caplog):
+def test_bad_input_checks(name, kind, tmp_path, caplog, monkeypatch):
     case = bi.build_case(name, tmp_path)
     caplog.set_level(logging.WARNING)
     if case.expect == "error":
         with pytest.raises(ValueError) as err:
-            run_checks(case, kind)
+            run_checks(case, kind, tmp_path, monkeypatch)
         msg = str(err.value)
         for w in case.words:
             assert w in msg, f"{w!r} not in: {msg}"
     else:
-        n = run_checks(case, kind)
+        n = run_checks(case, kind, tmp_path, monkeypatch)
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         if case.expect == "warning":
             text = "\n".join(warnings)
@@ -140,6 +149,8 @@ def test_dataset_workers_get_different_transform_streams():
 
 SUBPROCESS_CASES = [
     ("image_nan", THORAX),
+    ("image_crc_corrupt", bu.PRETRAINING),
+    ("label_nrrd_30mm_off", THORAX),
     ("truncated_nii_gz", bu.PRETRAINING),
     ("label_affine_differs", THORAX),
     ("roi_not_divisible", bu.PRETRAINING),
@@ -161,8 +172,9 @@ def test_bad_input_real_run(name, bundle, tmp_path):
     existing = os.urandom(4096)
     (ckpt / "model.pt").write_bytes(existing)
     tiny = bu.TINY_PRETRAIN if bundle == bu.PRETRAINING else bu.TINY_TRAIN
+    # resume False: the model.pt of an "earlier run" may be replaced, but only by a run that trains
     ov = dict(tiny, data_list_file_path=str(dl_path), dataset_dir=str(dl_path.parent), output_dir=str(out),
-              ckpt_dir=str(ckpt), checkpoint_interval=1)
+              ckpt_dir=str(ckpt), checkpoint_interval=1, resume=False)
     ov.update(case.overrides)
     r = bu.run_bundle(bu.BUNDLES_DIR / bundle, "training", ["train.json"], ov, tmp_path / "w",
                       env={"OMP_NUM_THREADS": "1"})

@@ -1,8 +1,8 @@
-"""Glue shared by the MIS-FM MONAI bundles: input checks, checkpoint loading, engines pieces, datasets.
+"""Code shared by the MIS-FM MONAI bundles: checks, loading, weights, engine pieces, datasets, resume.
 
-In this repository each bundle's ``<bundle>_lib`` package is a shim re-exporting this module; ``bundles/build.py``
-vendors this package, ``misfm_nets`` and ``misfm_transforms`` into ``<bundle>_lib`` inside the released zip so the
-bundle runs without this repository (imports are rewritten to the vendored copies).
+Installed with misfm. Each bundle reaches it through its own package ``<bundle>_lib`` (in the repository a
+re-export of this one; in a released zip a vendored copy of it, ``misfm_nets`` and ``misfm_transforms``), which
+``python -m monai.bundle run`` can import because it puts the bundle folder on ``sys.path``.
 """
 
 from misfm_nets import LoadReport, PCTNet, load_pretrained
@@ -13,11 +13,22 @@ from misfm_transforms import (
     volume_fusion_batch,
 )
 
-from .checks import check_config, check_datalist, check_fusion_options, load_datalist
-from .data import VolumePairDataset
+from .checks import (
+    check_batches,
+    check_config,
+    check_datalist,
+    check_fusion_options,
+    check_output_folders,
+    flag,
+    load_datalist,
+)
+from .data import SeededDataset, VolumePairDataset
 from .engines import DeepSupervisionSlidingWindowInferer, VolumeFusionPrepareBatch, sync_batchnorm
-from .handlers import PerClassMetricsWriter, load_pretrained_weights
+from .handlers import HausdorffDistanceMM, PerClassMetricsWriter
+from .loading import LoadCheckedImaged
 from .resume import AtomicCheckpointSaver, TrainingCheckpointer, atomic_torch_save
+from .runtime import EvaluationSampler, output_root, setup_process
+from .weights import CheckedCheckpointLoader, load_pretrained_weights
 
 __all__ = [
     "PCTNet",
@@ -27,17 +38,27 @@ __all__ = [
     "RandVolumeFusionGridd",
     "RandPairCropForVolumeFusiond",
     "volume_fusion_batch",
+    "flag",
+    "load_datalist",
     "check_datalist",
     "check_config",
     "check_fusion_options",
-    "load_datalist",
+    "check_output_folders",
+    "check_batches",
+    "LoadCheckedImaged",
+    "SeededDataset",
     "VolumePairDataset",
     "DeepSupervisionSlidingWindowInferer",
     "VolumeFusionPrepareBatch",
     "sync_batchnorm",
     "PerClassMetricsWriter",
+    "HausdorffDistanceMM",
     "load_pretrained_weights",
+    "CheckedCheckpointLoader",
     "TrainingCheckpointer",
     "AtomicCheckpointSaver",
     "atomic_torch_save",
+    "setup_process",
+    "EvaluationSampler",
+    "output_root",
 ]

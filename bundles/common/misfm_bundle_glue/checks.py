@@ -1,4 +1,8 @@
-"""Input validation run in a bundle's ``initialize`` step, before any dataset is built or output written."""
+"""Checks the bundles run before any dataset is built: settings, datalist structure, output folders, flags.
+
+They are cheap (no image is read), so start-up does not grow with the dataset: the voxels are checked as each
+volume is loaded (:class:`~misfm_bundle_glue.loading.LoadCheckedImaged`).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,35 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
-__all__ = ["load_datalist", "check_datalist", "check_config", "check_fusion_options"]
+__all__ = [
+    "flag",
+    "load_datalist",
+    "check_datalist",
+    "check_config",
+    "check_fusion_options",
+    "check_output_folders",
+    "check_batches",
+]
 
 logger = logging.getLogger("misfm.bundle")
 
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def flag(value: Any, name: str) -> bool:
+    """A config switch as a bool.
+
+    ``python -m monai.bundle`` passes ``--amp false`` on as the *string* ``'false'``, which Python takes for True;
+    here ``true/false/yes/no/on/off/1/0`` (any case), ``True``/``False`` and the ints 0/1 are accepted, anything
+    else is an error naming the key.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{name} must be true or false (also accepted: 1/0, yes/no), got {value!r}.")
 
 
 def load_datalist(path: str, key: str, base_dir: str | None = None, dedupe: bool | None = None) -> list[dict[str, Any]]:
@@ -23,7 +49,7 @@ def load_datalist(path: str, key: str, base_dir: str | None = None, dedupe: bool
     Raises ``ValueError`` naming the file when it is missing, is not JSON, or lacks ``key``. Exact duplicate
     entries (same files after path normalisation) are reported with a warning giving their count, and (``dedupe``,
     default: only for the ``training`` list) dropped: a training case listed twice would be sampled twice as often.
-    Other lists keep them (a multi-process evaluation may list a case twice to give every process one).
+    Other lists keep them.
     """
     dedupe = key == "training" if dedupe is None else dedupe
     path = os.fspath(path)
@@ -34,7 +60,7 @@ def load_datalist(path: str, key: str, base_dir: str | None = None, dedupe: bool
             "or pass --data_list_file_path <file>."
         )
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             content = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"datalist file {path!r} is not valid JSON ({err}); fix the file.") from err
@@ -62,80 +88,28 @@ def load_datalist(path: str, key: str, base_dir: str | None = None, dedupe: bool
                 continue
         seen.add(ident)
         out.append(item)
-    if duplicates and dedupe:
+    if duplicates:
         logger.warning(
-            "datalist file %s: %d duplicate %r entries removed (entries %s); each case is used once.",
-            path, len(duplicates), key, duplicates[:10],
-        )
-    elif duplicates:
-        logger.warning(
-            "datalist file %s: %d duplicate %r entries (entries %s) kept; they count more than once in the metrics.",
-            path, len(duplicates), key, duplicates[:10],
+            "datalist file %s: %d duplicate %r entries %s (entries %s)%s.", path, len(duplicates), key,
+            "removed" if dedupe else "kept", duplicates[:10],
+            "; each case is used once" if dedupe else "; they count more than once in the metrics",
         )
     return out
 
 
-def _header(path: str):
-    """(spatial+channel shape, affine or None) from the image header only (nibabel for NIfTI, ITK otherwise)."""
-    if path.lower().endswith(_NIFTI_SUFFIXES):
-        import nibabel as nib
+def check_datalist(datalist: Sequence[Mapping[str, Any]], name: str = "training",
+                   keys: Sequence[str] = ("image", "label")) -> int:
+    """Structure of a datalist, without reading any image; returns the number of entries.
 
-        img = nib.load(path)
-        return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=float)
-    import itk
-
-    reader = itk.ImageFileReader.New(FileName=path)
-    reader.UpdateOutputInformation()
-    out = reader.GetOutput()
-    size = tuple(int(s) for s in out.GetLargestPossibleRegion().GetSize())
-    return size + ((int(out.GetNumberOfComponentsPerPixel()),) if out.GetNumberOfComponentsPerPixel() > 1 else ()), None
-
-
-def _read_header(path: str) -> tuple[int, ...]:
-    return _header(path)[0]
-
-
-def _read_array(path: str) -> np.ndarray:
-    if path.lower().endswith(_NIFTI_SUFFIXES):
-        import nibabel as nib
-
-        return np.asanyarray(nib.load(path).dataobj)
-    import itk
-
-    return np.asarray(itk.GetArrayViewFromImage(itk.imread(path)))
-
-
-def check_datalist(
-    datalist: Sequence[Mapping[str, Any]],
-    keys: Sequence[str] = ("image", "label"),
-    label_key: str | None = "label",
-    num_classes: int | None = None,
-    name: str = "training",
-    check_label_values: bool = True,
-    check_image_values: bool = True,
-    intensity_range: Sequence[float] | None = None,
-) -> int:
-    """Check a datalist before training/evaluation/inference starts; returns the number of entries.
-
-    Fails with ``ValueError`` naming the entry and file, and saying what to do, when: the list is empty, an entry
-    lacks a key, a file does not exist or is a folder (e.g. a DICOM series), a header cannot be read, an image is not
-    a single-channel 3-D volume (2-D, 4-D / multi-channel), the label's shape or affine differs from the image's,
-    (``check_label_values``) a label holds values outside ``0..num_classes-1`` or non-integers, or
-    (``check_image_values``) an image cannot be decoded completely (truncated / corrupt gzip) or holds NaN/Inf.
-
-    Warns (and counts) without failing for: a constant image, and intensities that do not look like CT in HU
-    (nothing below the lower quarter of ``intensity_range``: MR, or CT stored without rescale slope/intercept);
-    such images are still clipped to ``intensity_range`` and trained on.
+    ``ValueError`` naming the entry and file, and what to do, when: the list is empty, an entry lacks one of
+    ``keys``, a file does not exist or is a folder (e.g. a DICOM series). Costs one ``stat`` per file.
     """
     if datalist is None or len(datalist) == 0:
         raise ValueError(
             f"the {name!r} datalist is empty: add entries to the {name!r} list of the datalist JSON "
             "(or point --data_list_file_path / --dataset_dir at the right files)."
         )
-    warnings: list[str] = []
-    image_key = next((k for k in keys if k != label_key), None)
     for idx, item in enumerate(datalist):
-        headers = {}
         for key in keys:
             if key not in item:
                 raise ValueError(f"{name} entry {idx} has no {key!r} field: {dict(item)}; add it to the datalist.")
@@ -151,104 +125,7 @@ def check_datalist(
                     f"{name} entry {idx}: {key} file {path!r} does not exist; fix the path in the datalist "
                     "or --dataset_dir."
                 )
-            try:
-                shape, affine = _header(path)
-            except Exception as err:  # any reader failure means the file is unusable
-                raise ValueError(
-                    f"{name} entry {idx}: cannot read {key} file {path!r} ({type(err).__name__}: {err}); "
-                    "replace it with a valid NIfTI (or ITK-readable) image or remove it from the datalist."
-                ) from err
-            if len(shape) < 3:
-                raise ValueError(f"{name} entry {idx}: {key} file {path!r} is not 3-D (shape {shape}); the bundle "
-                                 "needs 3-D volumes.")
-            if int(np.prod(shape[3:], dtype=np.int64)) > 1:
-                raise ValueError(
-                    f"{name} entry {idx}: {key} file {path!r} has shape {shape}: 4-D / {int(np.prod(shape[3:]))} "
-                    "channels, but the bundle expects ONE single-channel 3-D volume; split the channels or time points "
-                    "into separate files."
-                )
-            headers[key] = (shape[:3], affine)
-        if check_image_values and image_key is not None:
-            warn = _check_image_values(item[image_key], f"{name} entry {idx}", intensity_range)
-            if warn:
-                warnings.append(warn)
-        if label_key and label_key in keys:
-            path = item[label_key]
-            if image_key is not None:
-                (ishape, iaff), (lshape, laff) = headers[image_key], headers[label_key]
-                if ishape != lshape:
-                    raise ValueError(
-                        f"{name} entry {idx}: label {path!r} has shape {lshape} but image {item[image_key]!r} "
-                        f"has {ishape}; they must be on the same voxel grid."
-                    )
-                if iaff is not None and laff is not None and not np.allclose(iaff, laff, atol=1e-3, rtol=1e-4):
-                    raise ValueError(
-                        f"{name} entry {idx}: label {path!r} and image {item[image_key]!r} have different affines "
-                        f"(max difference {np.abs(iaff - laff).max():.4g}; origin/spacing/direction differ), so they "
-                        "are not on the same voxel grid; resample the label onto the image or fix its header."
-                    )
-            if check_label_values:
-                _check_label_values(path, f"{name} entry {idx}", num_classes)
-    if warnings:
-        logger.warning("%s datalist: %d of %d images have the warnings above (they are used anyway).", name,
-                       len(warnings), len(datalist))
     return len(datalist)
-
-
-def _check_image_values(path: str, where: str, intensity_range: Sequence[float] | None) -> str | None:
-    try:
-        arr = np.asarray(_read_array(path), dtype=np.float32)
-    except Exception as err:  # truncated / corrupt compressed data shows up only when the voxels are decoded
-        raise ValueError(
-            f"{where}: cannot read the voxels of image file {path!r} ({type(err).__name__}: {err}); the file is "
-            "truncated or corrupt: re-export or re-download it, or remove it from the datalist."
-        ) from err
-    finite = np.isfinite(arr)
-    if not finite.all():
-        n_nan, n_inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
-        raise ValueError(
-            f"{where}: image file {path!r} holds {n_nan} NaN and {n_inf} Inf voxels; they would make the loss NaN. "
-            "Replace them (e.g. by the background value) or remove the image."
-        )
-    lo, hi = float(arr.min()), float(arr.max())
-    if lo == hi:
-        msg = f"{where}: image file {path!r} is constant (all voxels {lo:g}): it carries no information."
-        logger.warning(msg)
-        return msg
-    if intensity_range is not None:
-        a, b = float(intensity_range[0]), float(intensity_range[1])
-        if lo > a + 0.25 * (b - a):
-            msg = (f"{where}: image file {path!r} has intensities [{lo:g}, {hi:g}] with nothing below {a + 0.25 * (b - a):g}: "
-                   f"not CT in Hounsfield units (air is about -1000)? MR, or CT saved without its rescale slope / "
-                   f"intercept, is clipped to the HU window {[a, b]} and trained on as if it were CT.")
-            logger.warning(msg)
-            return msg
-    return None
-
-
-def _check_label_values(path: str, where: str, num_classes: int | None) -> None:
-    try:
-        arr = _read_array(path)
-    except Exception as err:
-        raise ValueError(
-            f"{where}: cannot read label file {path!r} ({type(err).__name__}: {err}); replace or remove it."
-        ) from err
-    values = np.unique(arr)
-    non_integer = values[~np.isfinite(values) | (values != np.round(values))] if values.dtype.kind == "f" else values[:0]
-    if non_integer.size:
-        raise ValueError(
-            f"{where}: label file {path!r} holds non-integer values {non_integer[:10].tolist()} (a resampled or "
-            "soft label?); labels must be integer class indices: resample with nearest-neighbour or round them."
-        )
-    bad = values[values < 0]
-    if num_classes is not None:
-        bad = np.union1d(bad, values[values > num_classes - 1])
-    if bad.size:
-        raise ValueError(
-            f"{where}: label file {path!r} holds values {bad[:10].tolist()} outside the bundle's "
-            f"classes 0..{(num_classes or 0) - 1}; remap the label to the bundle's label map "
-            "(see docs/README.md) or remove the entry."
-        )
 
 
 def check_config(
@@ -265,8 +142,9 @@ def check_config(
     cache_rate: float = 1.0,
     pixdim: Sequence[float] | None = None,
     intensity_range: Sequence[float] | None = None,
+    device: Any = None,
 ) -> None:
-    """Reject bad numeric settings before anything is built; one ``ValueError`` listing every problem."""
+    """Reject bad settings before anything is built; one ``ValueError`` listing every problem."""
     from misfm_nets.pctnet import RESOLUTION_MODE_SCALES
 
     problems = []
@@ -303,18 +181,81 @@ def check_config(
         problems.append(f"pixdim must be 3 spacings > 0 (mm), got {list(pixdim)}")
     if intensity_range is not None and (len(intensity_range) != 2 or not intensity_range[0] < intensity_range[1]):
         problems.append(f"intensity_range must be [min, max] with min < max, got {list(intensity_range)}")
+    if device is not None:
+        problem = _device_problem(device)
+        if problem:
+            problems.append(problem)
     if problems:
         raise ValueError("bad config values: " + "; ".join(problems) + ". Fix them in the config or the command line.")
 
 
-def check_fusion_options(fusion_version: str, fuse_on_device: bool, batch_size: int) -> None:
-    """Reject inconsistent Volume Fusion settings of the pretraining bundle."""
+def _device_problem(device: Any) -> str | None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        return f"device {device!r} is not a torch device ({err})"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"device {str(dev)!r} was asked for but this machine has no usable CUDA GPU; pass --device cpu"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"device {str(dev)!r} does not exist: {torch.cuda.device_count()} CUDA GPU(s) are visible"
+    return None
+
+
+def check_fusion_options(fusion_version: str, fuse_on_device: Any, batch_size: int) -> None:
+    """Reject inconsistent Volume Fusion settings of the pretraining bundle (see its override files)."""
     if fusion_version not in ("v1", "v2"):
-        raise ValueError(f"fusion_version must be 'v1' (paper, random boxes) or 'v2' (VolF, block grid), got {fusion_version!r}.")
-    if fuse_on_device and fusion_version != "v1":
-        raise ValueError("fuse_on_device=true implements VF-v1 only; set fusion_version='v1' or fuse_on_device=false.")
-    if fuse_on_device and int(batch_size) < 2:
+        raise ValueError(f"fusion_version must be 'v1' (paper, random boxes) or 'v2' (VolF, block grid), got "
+                         f"{fusion_version!r}.")
+    on_device = flag(fuse_on_device, "fuse_on_device")
+    if on_device and fusion_version != "v1":
+        raise ValueError("configs/fuse_on_device.json implements VF-v1 only; do not combine it with configs/vf_v2.json.")
+    if on_device and int(batch_size) < 2:
         raise ValueError(
-            "fuse_on_device=true fuses each sample with the previous one in the batch: set batch_size >= 2 "
+            "configs/fuse_on_device.json fuses each sample with the previous one in the batch: set batch_size >= 2 "
             "(with batch_size 1 a volume would be fused with itself)."
         )
+
+
+def check_output_folders(ckpt_dir: str, output_dir: str, resume: Any = True) -> None:
+    """The run can write its outputs, and will not silently replace a model of an earlier run.
+
+    ``ValueError`` when ``ckpt_dir`` or ``output_dir`` (or, when they do not exist yet, the folder they would be
+    created in) is not writable, or when ``ckpt_dir`` holds a ``model.pt`` but no ``checkpoint.pt`` to resume from
+    and ``resume`` is true: training would replace that model after its first validation. Nothing is created.
+    """
+    for key, folder in (("ckpt_dir", ckpt_dir), ("output_dir", output_dir)):
+        folder = os.path.abspath(os.fspath(folder))
+        existing = folder
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise ValueError(f"{key} {folder!r}: {existing!r} is a file, not a folder; pass another --{key}.")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            where = "" if existing == folder else f" (it would be created in {existing!r})"
+            raise ValueError(f"{key} {folder!r} is not writable{where}; fix its permissions or pass another --{key}.")
+    model, checkpoint = os.path.join(ckpt_dir, "model.pt"), os.path.join(ckpt_dir, "checkpoint.pt")
+    if flag(resume, "resume") and os.path.isfile(model) and not os.path.isfile(checkpoint):
+        raise ValueError(
+            f"ckpt_dir {os.path.abspath(ckpt_dir)!r} holds a model.pt of an earlier run but no checkpoint.pt to resume "
+            "from: this run would replace that model. Pass another --ckpt_dir, move model.pt away, or pass "
+            "--resume False to start over and replace it."
+        )
+
+
+def check_batches(loader: Any, batch_size: int) -> int:
+    """The training loader yields at least one batch in this process; returns how many.
+
+    With ``drop_last`` (on-device fusion) a process holding fewer volumes than ``batch_size`` gets none: the run
+    would train zero iterations and exit as if it had succeeded.
+    """
+    count = len(loader)
+    if count == 0:
+        samples = len(getattr(loader, "sampler", None) or loader.dataset)
+        raise ValueError(
+            f"the training data loader yields no batch: this process has {samples} volume(s) but batch_size is "
+            f"{batch_size} and incomplete batches are dropped. Add volumes to the training list or lower batch_size."
+        )
+    return count

@@ -1,4 +1,4 @@
-"""Engine pieces: on-device Volume Fusion batch preparation, a deep-supervision-aware sliding-window inferer."""
+"""Engine pieces: on-device Volume Fusion batch preparation, SyncBatchNorm, a deep-supervision-aware inferer."""
 
 from __future__ import annotations
 
@@ -30,20 +30,10 @@ class VolumeFusionPrepareBatch(PrepareBatch):
         box_size_min: Sequence[int] = (8, 8, 8),
         box_size_max: Sequence[int] = (80, 80, 40),
         image_key: str = CommonKeys.IMAGE,
-        seed: int | None = None,
     ) -> None:
         self.kwargs = dict(num_levels=num_levels, num_boxes=tuple(num_boxes), box_size_min=tuple(box_size_min),
                            box_size_max=tuple(box_size_max))
-        self.image_key, self.seed = image_key, seed
-        self._generators: dict[str, torch.Generator] = {}
-
-    def _generator(self, device: torch.device) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[key]
+        self.image_key = image_key
 
     def __call__(self, batchdata: dict[str, Any], device: str | torch.device | None = None,
                  non_blocking: bool = False, **kwargs: Any):
@@ -51,8 +41,17 @@ class VolumeFusionPrepareBatch(PrepareBatch):
         if images.shape[0] < 2:
             raise ValueError("on-device Volume Fusion needs at least 2 volumes per batch (batch_size >= 2).")
         images = torch.as_tensor(images).to(device=device, non_blocking=non_blocking)
-        fused, labels = volume_fusion_batch(images, generator=self._generator(images.device), **self.kwargs)
+        # the default generator of the batch's device: seeded per rank by setup_process, saved by the resume
+        # checkpoint, and the draws never leave the device
+        fused, labels = volume_fusion_batch(images, generator=default_generator(images.device), **self.kwargs)
         return fused, labels
+
+
+def default_generator(device: torch.device) -> torch.Generator:
+    """PyTorch's default random generator of ``device`` (the CPU's, or the given CUDA device's)."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
 
 
 class DeepSupervisionSlidingWindowInferer(SlidingWindowInferer):

@@ -1,4 +1,4 @@
-"""Checkpoint loading with a logged report, and a per-class metrics CSV writer (class names as columns)."""
+"""Evaluation handlers: Hausdorff distance in millimetres, a per-class metrics CSV writer (class names as columns)."""
 
 from __future__ import annotations
 
@@ -10,38 +10,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.handlers import HausdorffDistance
 
-from misfm_nets import load_pretrained
-
-__all__ = ["load_pretrained_weights", "PerClassMetricsWriter"]
+__all__ = ["HausdorffDistanceMM", "PerClassMetricsWriter"]
 
 logger = logging.getLogger("misfm.bundle")
 
 
-def load_pretrained_weights(network: torch.nn.Module, checkpoint: str | None, mode: str = "encoder"):
-    """Fine-tuning entry point used by the bundles' ``initialize`` step.
+class HausdorffDistanceMM(HausdorffDistance):
+    """MONAI's ``HausdorffDistance`` handler in millimetres: each case is measured with its own voxel spacing, read
+    from the prediction's metadata (``MetaTensor.pixdim``; the bundles invert predictions to the original grid, so
+    this is the input image's spacing). MONAI's handler passes no spacing, i.e. measures in voxels."""
 
-    ``checkpoint`` empty/None: train from scratch (logged). Otherwise load it with ``misfm_nets.load_pretrained``
-    (``mode="encoder"`` loads everything but the class-count-dependent heads, ``"all"`` everything that matches)
-    and log the LoadReport summary. A missing or foreign checkpoint raises before training starts.
-    """
-    if not checkpoint:
-        logger.info("pretrained_checkpoint is empty: training from scratch.")
-        return None
-    if not os.path.isfile(checkpoint):
-        raise ValueError(
-            f"pretrained_checkpoint {checkpoint!r} does not exist; pass the path of a PCT-Net checkpoint "
-            "(the pretraining bundle's models/model.pt or pctnet_ct10k_volf.pt) or '' to train from scratch."
-        )
-    try:
-        report = load_pretrained(network, checkpoint, mode=mode)
-    except (ValueError, TypeError) as err:
-        raise ValueError(
-            f"pretrained_checkpoint {checkpoint!r} cannot initialise this bundle's network: {err} "
-            "Pass a PCT-Net checkpoint of the same widths (feature_channels / num_heads), or '' to train from scratch."
-        ) from err
-    logger.info("LoadReport for pretrained_checkpoint %s (mode=%s): %s", checkpoint, mode, report.summary())
-    return report
+    def update(self, output: Sequence[Any]) -> None:
+        y_pred, y = output
+        for pred, label in zip(y_pred, y):
+            spacing = [float(s) for s in pred.pixdim] if hasattr(pred, "pixdim") else None
+            self.metric_fn([pred], [label], spacing=spacing)
 
 
 class PerClassMetricsWriter:
@@ -83,12 +68,13 @@ class PerClassMetricsWriter:
             files = string_list_all_gather(files)
             if dist.get_rank() != 0:
                 return
+        rows = _first_occurrences(files)  # every rank evaluates every case when there are fewer cases than ranks
         header, columns = ["filename"], []
         for metric in self.metric_names:
             details = engine.state.metric_details.get(metric)
             if details is None:
                 raise ValueError(f"metric {metric!r} has no details: create it with save_details=True.")
-            values = np.asarray(torch.as_tensor(details).float().cpu()).reshape(len(files), -1)
+            values = np.asarray(torch.as_tensor(details).float().cpu()).reshape(len(files), -1)[rows]
             names = self.class_names[-values.shape[1]:]  # metrics without background drop class 0
             header += [f"{metric}_{n}" for n in names]
             columns.append(values)
@@ -97,7 +83,17 @@ class PerClassMetricsWriter:
         with open(os.path.join(self.save_dir, self.filename), "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(header)
-            for name, row in zip(files, table):
+            for name, row in zip([files[i] for i in rows], table):
                 writer.writerow([name] + [f"{v:.4f}" for v in row])
             writer.writerow(["mean"] + [f"{v:.4f}" for v in np.nanmean(table, axis=0)] if len(table) else ["mean"])
         logger.info("per-class metrics written to %s", os.path.join(self.save_dir, self.filename))
+
+
+def _first_occurrences(names: list[str]) -> list[int]:
+    seen: set[str] = set()
+    keep = []
+    for i, name in enumerate(names):
+        if name not in seen:
+            seen.add(name)
+            keep.append(i)
+    return keep

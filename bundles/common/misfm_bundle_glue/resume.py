@@ -34,6 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checks import flag
+from .runtime import rank, world_size
+from .weights import describe_load_error
+
 __all__ = ["atomic_torch_save", "TrainingCheckpointer", "AtomicCheckpointSaver", "capture_rng", "restore_rng"]
 
 logger = logging.getLogger("misfm.bundle")
@@ -157,8 +161,8 @@ def capture_rng(randomizables: Sequence[Any] = ()) -> dict:
         "python": {"version": version, "state": list(internal), "gauss": gauss},
         "transforms": [_np_state(t.R) for t in randomizables],
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # this rank's own device only
+        out["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return out
 
 
@@ -168,7 +172,7 @@ def restore_rng(states: Mapping, randomizables: Sequence[Any] = ()) -> None:
     py = states["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"], torch.cuda.current_device())
     saved = states.get("transforms", [])
     if len(saved) != len(randomizables):
         raise ValueError(
@@ -183,31 +187,27 @@ def restore_rng(states: Mapping, randomizables: Sequence[Any] = ()) -> None:
 # ---------------------------------------------------------------------------------------------------- handler
 
 
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _all_gather(obj: Any) -> list:
     """``obj`` of every rank (a list of one outside ``torch.distributed``)."""
-    if _world() == 1:
+    if world_size() == 1:
         return [obj]
     import torch.distributed as dist
 
-    out: list = [None] * _world()
+    out: list = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
 
 
+def _fingerprint(value: Any) -> str:
+    """A short stable digest of a JSON-like value (a datalist of 100k entries takes well under a second)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _tag() -> str:
-    return f"[rank {_rank()}/{_world()}] " if _world() > 1 else ""
+    return f"[rank {rank()}/{world_size()}] " if world_size() > 1 else ""
 
 
 def _unwrap(module: Any) -> Any:
@@ -261,15 +261,19 @@ class TrainingCheckpointer:
         metric_savers: handlers of the evaluator; the ``CheckpointSaver`` among them keeps its best-score record
             across a resume (so ``model.pt`` is not replaced by a worse model after resuming).
         filename: default ``checkpoint.pt``.
+        run_info: what identifies the run (the bundle's name, the training datalist, ...): its fingerprint is
+            saved, and a resume whose ``run_info`` differs is refused (another bundle's checkpoint, a changed
+            datalist).
     """
 
-    def __init__(self, save_dir: str, save_dict: Mapping[str, Any], interval: int = 100, resume: bool = True,
+    def __init__(self, save_dir: str, save_dict: Mapping[str, Any], interval: int = 100, resume: Any = True,
                  evaluator: Any = None, metric_savers: Sequence[Any] | None = None,
-                 filename: str = "checkpoint.pt") -> None:
+                 filename: str = "checkpoint.pt", run_info: Mapping[str, Any] | None = None) -> None:
         if int(interval) < 0:
             raise ValueError(f"checkpoint_interval must be >= 0 (0 = no training checkpoints), got {interval}.")
         self.save_dir, self.save_dict, self.interval = os.fspath(save_dir), dict(save_dict), int(interval)
-        self.resume, self.evaluator, self.filename = bool(resume), evaluator, filename
+        self.resume, self.evaluator, self.filename = flag(resume, "resume"), evaluator, filename
+        self.run_info = {k: _fingerprint(v) for k, v in (run_info or {}).items()}
         self.metric_savers = [h for h in (metric_savers or []) if getattr(h, "_key_metric_checkpoint", None)]
         self.path = os.path.join(self.save_dir, filename)
         self._pending: dict | None = None
@@ -307,6 +311,7 @@ class TrainingCheckpointer:
         out["batches_drawn"] = int(self._drawn)
         out["world_size"] = len(rank_rng)
         out["rank_rng"] = rank_rng[1:]  # ranks 1.. (empty for one process)
+        out["run_info"] = self.run_info
         out["format"] = 1
         return out
 
@@ -317,7 +322,7 @@ class TrainingCheckpointer:
         self._last_saved = it
         # collective under torch.distributed: every rank reaches the same iterations here (same interval/epochs)
         rank_rng = _all_gather(self._rank_rng())
-        if _rank() != 0:
+        if rank() != 0:
             return
         atomic_torch_save(self.state(engine, rank_rng), self.path, iteration=it)
         logger.info("training checkpoint saved: %s (iteration %d, epoch %d)", self.path, it, engine.state.epoch)
@@ -348,14 +353,14 @@ class TrainingCheckpointer:
         if not isinstance(loader, _TrackedLoader):
             self._randomizables = _randomizables(getattr(loader, "dataset", loader))
             engine.state.dataloader = _TrackedLoader(loader, self)
-        if _rank() == 0:
+        if rank() == 0:
             for name in remove_stale_temporaries(self.save_dir, self.filename):
                 logger.warning("removed %s: temporary file of an interrupted checkpoint write", name)
         if not self.resume:
             logger.info("%sresume=false: training from the start (an existing %s will be overwritten).", _tag(),
                         self.path)
             return
-        if _world() == 1:
+        if world_size() == 1:
             if not os.path.isfile(self.path):
                 logger.info("no training checkpoint at %s: training from the start.", self.path)
                 return
@@ -394,15 +399,24 @@ class TrainingCheckpointer:
                 f"cannot read the training checkpoint {self.path!r} ({type(err).__name__}: {err}); delete it or "
                 "set resume=false to start over."
             ) from err
-        saved_world, world = int(ckpt.get("world_size", 1)), _world()
+        saved_world, world = int(ckpt.get("world_size", 1)), world_size()
         if saved_world != world:
             raise ValueError(
                 f"training checkpoint {self.path!r} was written by {saved_world} process(es), this run has {world}: "
                 "each rank's data shard and random states would differ, it cannot resume exactly. Run with "
                 f"{saved_world} process(es), or delete it / set resume=false to start over."
             )
-        rank = _rank()
-        mine = {"rng": ckpt["rng"], "iterator_rng": ckpt["iterator_rng"]} if rank == 0 else ckpt["rank_rng"][rank - 1]
+        for key, value in self.run_info.items():
+            saved = ckpt.get("run_info", {}).get(key)
+            if saved != value:
+                what = "another bundle" if key == "bundle" else f"another {key}"
+                raise ValueError(
+                    f"training checkpoint {self.path!r} was written by a run with {what} ({key} fingerprint {saved} "
+                    f"vs {value} now): it cannot be resumed here. Pass another --ckpt_dir, or delete it / pass "
+                    "--resume False to start over."
+                )
+        me = rank()
+        mine = {"rng": ckpt["rng"], "iterator_rng": ckpt["iterator_rng"]} if me == 0 else ckpt["rank_rng"][me - 1]
         t = ckpt["trainer"]
         if t["epoch_length"] != engine.state.epoch_length:
             raise ValueError(
@@ -411,7 +425,14 @@ class TrainingCheckpointer:
                 "exactly. Restore the settings, or delete it / set resume=false to start over."
             )
         for key, obj in self.save_dict.items():
-            _unwrap(obj).load_state_dict(ckpt[key])
+            try:
+                _unwrap(obj).load_state_dict(ckpt[key])
+            except (RuntimeError, ValueError, KeyError) as err:
+                raise ValueError(
+                    f"training checkpoint {self.path!r} does not fit this run's {key}: {describe_load_error(err)}. "
+                    "Were the widths (feature_channels, num_heads), roi_size or classes changed? Restore them, or "
+                    "pass another --ckpt_dir / --resume False to start over."
+                ) from err
         if "scaler" in ckpt and getattr(engine, "scaler", None) is not None:
             engine.scaler.load_state_dict(ckpt["scaler"])
         if self.evaluator is not None and "evaluator" in ckpt:
@@ -450,7 +471,7 @@ def _atomic_disk_saver(dirname: str, fixed_filename: str | None):
             self.fixed = fixed_filename
 
         def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-            if _rank() == self.save_on_rank:
+            if rank() == self.save_on_rank:
                 atomic_torch_save(checkpoint, os.path.join(dirname, self.fixed or filename))
 
         def remove(self, filename: str) -> None:
