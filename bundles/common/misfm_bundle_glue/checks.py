@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -233,9 +234,13 @@ def check_output_folders(ckpt_dir: str, output_dir: str, resume: Any = True) -> 
             existing = os.path.dirname(existing)
         if not os.path.isdir(existing):
             raise ValueError(f"{key} {folder!r}: {existing!r} is a file, not a folder; pass another --{key}.")
-        if not os.access(existing, os.W_OK | os.X_OK):
+        try:  # a file created and removed at once: permissions, read-only mounts, quotas (also for root)
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as err:
             where = "" if existing == folder else f" (it would be created in {existing!r})"
-            raise ValueError(f"{key} {folder!r} is not writable{where}; fix its permissions or pass another --{key}.")
+            raise ValueError(f"{key} {folder!r} is not writable{where} ({err.strerror}); fix its permissions or pass "
+                             f"another --{key}.") from err
     model, checkpoint = os.path.join(ckpt_dir, "model.pt"), os.path.join(ckpt_dir, "checkpoint.pt")
     if flag(resume, "resume") and os.path.isfile(model) and not os.path.isfile(checkpoint):
         raise ValueError(

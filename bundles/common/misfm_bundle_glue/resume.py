@@ -432,7 +432,7 @@ class TrainingCheckpointer:
                     f"training checkpoint {self.path!r} does not fit this run's {key}: {describe_load_error(err)}. "
                     "Were the widths (feature_channels, num_heads), roi_size or classes changed? Restore them, or "
                     "pass another --ckpt_dir / --resume False to start over."
-                ) from err
+                ) from None  # PyTorch's own message lists every entry: thousands of lines
         if "scaler" in ckpt and getattr(engine, "scaler", None) is not None:
             engine.scaler.load_state_dict(ckpt["scaler"])
         if self.evaluator is not None and "evaluator" in ckpt:

@@ -93,7 +93,7 @@ class CheckedCheckpointLoader(CheckpointLoader):
                 f"model {self.load_path!r} does not fit this bundle's network: {describe_load_error(err)}. Is it the "
                 "model of another bundle, or trained with other widths (feature_channels, num_heads)? Pass the same "
                 "values as in training."
-            ) from err
+            ) from None  # PyTorch's own message lists every entry: thousands of lines
         for name, obj in self.load_dict.items():
             if isinstance(obj, torch.nn.Module):
                 check_finite_weights(obj.state_dict(), f"model {self.load_path!r}")
