@@ -13,6 +13,7 @@ Commands (run from the repository root)::
     python bundles/build.py --sync          # (re)write bundles/<bundle>/configs/*, LICENSE and the <bundle>_lib shim
     python bundles/build.py --check         # exit 1 if any generated file is out of date
     python bundles/build.py [--out dist]    # check, then write dist/<bundle>_v<version>.zip for every bundle
+    python bundles/build.py --hub dist/hub  # ... and dist/hub/<bundle>/, each a Hugging Face Hub repository
 
 In the repository ``<bundle>_lib/__init__.py`` is a shim re-exporting ``misfm_bundle_glue``, installed with misfm
 (``pip install -e .``) together with ``misfm_nets`` / ``misfm_transforms``. In a zip, ``<bundle>_lib/`` is a vendored copy: the glue modules
@@ -208,30 +209,81 @@ def vendored_lib(bundle: str) -> dict[str, str]:
     return files
 
 
-def build(out: Path) -> list[Path]:
+def release_files(bundle: str) -> dict[str, bytes]:
+    """What a released bundle holds, by its path inside the bundle folder: configs, docs, LICENSE,
+    large_files.yml (if any) and the vendored ``<bundle>_lib``."""
+    root = HERE / bundle
+    files: dict[str, bytes] = {}
+    for sub in ("configs", "docs"):
+        for path in sorted((root / sub).rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and path.name != "datalist.json":
+                files[path.relative_to(root).as_posix()] = path.read_bytes()
+    for name in ("LICENSE", "large_files.yml"):
+        if (root / name).is_file():
+            files[name] = (root / name).read_bytes()
+    files.update({arcname: text.encode() for arcname, text in vendored_lib(bundle).items()})
+    return files
+
+
+def bundle_version(bundle: str) -> str:
+    return load_params(bundle)["version"]
+
+
+def _require_in_sync() -> None:
     stale = stale_files()
     if stale:
         raise SystemExit("generated bundle files are out of date, run `python bundles/build.py --sync`: "
                          + ", ".join(str(p.relative_to(REPO)) for p in stale))
+
+
+def build(out: Path) -> list[Path]:
+    """``out/<bundle>_v<version>.zip`` for every bundle (the Model Zoo's release naming and layout)."""
+    _require_in_sync()
     out.mkdir(parents=True, exist_ok=True)
     zips = []
     for bundle in BUNDLES:
-        root = HERE / bundle
-        version = json.loads((root / "configs" / "metadata.json").read_text())["version"]
-        zpath = out / f"{bundle}_v{version}.zip"
+        zpath = out / f"{bundle}_v{bundle_version(bundle)}.zip"
         with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as zf:
-            for sub in ("configs", "docs"):
-                for path in sorted((root / sub).rglob("*")):
-                    if path.is_file() and "__pycache__" not in path.parts and path.name != "datalist.json":
-                        zf.write(path, f"{bundle}/{path.relative_to(root).as_posix()}")
-            zf.write(root / "LICENSE", f"{bundle}/LICENSE")
-            if (root / "large_files.yml").is_file():
-                zf.write(root / "large_files.yml", f"{bundle}/large_files.yml")
-            for arcname, text in vendored_lib(bundle).items():
-                zf.writestr(f"{bundle}/{arcname}", text)
+            for arcname, data in release_files(bundle).items():
+                zf.writestr(f"{bundle}/{arcname}", data)
         zips.append(zpath)
         print(f"built {zpath}")
     return zips
+
+
+MODEL_CARD_HEADER = """---
+library_name: monai
+license: apache-2.0
+tags:
+- monai
+- medical
+- ct
+- segmentation
+- self-supervised-learning
+---
+"""
+
+
+def build_hub(out: Path) -> list[Path]:
+    """``out/<bundle>/``: each bundle as a Hugging Face Hub model repository, the layout the Model Zoo publishes
+    there (the bundle folder at the repository root, ``README.md`` = the model card from ``docs/README.md``).
+    Upload one with ``huggingface-cli upload OWNER/<bundle> out/<bundle>`` and tag the commit with the version;
+    users then run ``python -m monai.bundle download --name <bundle> --version <version> --source huggingface_hub
+    --repo OWNER/<bundle>``."""
+    _require_in_sync()
+    folders = []
+    for bundle in BUNDLES:
+        folder = out / bundle
+        if folder.exists():
+            shutil.rmtree(folder)
+        files = release_files(bundle)
+        files["README.md"] = MODEL_CARD_HEADER.encode() + files["docs/README.md"]
+        for arcname, data in files.items():
+            (folder / arcname).parent.mkdir(parents=True, exist_ok=True)
+            (folder / arcname).write_bytes(data)
+        folders.append(folder)
+        print(f"wrote {folder} (Hugging Face Hub repository, version {bundle_version(bundle)})")
+    return folders
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sync", action="store_true", help="write the generated configs/shims into bundles/")
     parser.add_argument("--check", action="store_true", help="fail if generated files are out of date")
     parser.add_argument("--out", default=str(REPO / "dist"), help="output folder for the zips (default: dist)")
+    parser.add_argument("--hub", metavar="FOLDER", help="also write each bundle as a Hugging Face Hub repository "
+                        "folder under FOLDER")
     args = parser.parse_args(argv)
     if args.sync:
         sync()
@@ -249,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"out of date: {p.relative_to(REPO)}")
         return 1 if stale else 0
     build(Path(args.out))
+    if args.hub:
+        build_hub(Path(args.hub))
     return 0
 
 

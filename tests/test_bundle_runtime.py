@@ -333,3 +333,26 @@ def test_startup_reads_no_image(tmp_path):
     assert glue.check_datalist(entries, "training", keys=["image"]) == 3
     with pytest.raises(ValueError, match="cannot read image file"):
         glue.LoadCheckedImaged(["image"], label_key=None)(entries[0])
+
+
+# ------------------------------------------------------------------------------------------------ tracking
+
+
+def test_mlflow_tracking_beside_tensorboard(thorax_run, tmp_path):
+    """MONAI's own experiment tracking (`--tracking mlflow`: its MLFlowHandler on the trainer and the validator),
+    into a local store under output_dir; TensorBoard keeps logging."""
+    mlflow = pytest.importorskip("mlflow", reason="the [mlflow] extra is not installed")
+    root, datalist, ov = thorax_run
+    args = dict(ov, ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "eval"))
+    _ok(bu.run_bundle(bu.BUNDLES_DIR / THORAX, "training", ["train.json"], args, tmp_path / "w",
+                      extra_args=["--tracking", "mlflow", "--experiment_name", "misfm_thorax"]))
+    store = tmp_path / "eval" / "mlruns.db"
+    assert store.is_file()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("misfm_thorax")
+    runs = client.search_runs([experiment.experiment_id])
+    metrics = {k for run in runs for k in run.data.metrics}
+    assert {"train_loss", "val_mean_dice"} <= metrics, metrics
+    losses = [m.value for run in runs for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert losses and all(v == v for v in losses)  # one per iteration, finite
+    assert bu.read_scalars(tmp_path / "eval", "train_loss")  # TensorBoard too

@@ -442,4 +442,51 @@ def test_zip_distribution_runs_without_repo(abdomen, tmp_path):
     r = subprocess.run([str(python), "-m", "monai.bundle", "run", "--args_file", str(work / "args.json")], cwd=work,
                        env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     _ok(r)
-    assert len(list((work / "pred").glob("*_seg.nii.gz"))) == 2
+    assert len(list((work / "pred").rglob("*_seg.nii.gz"))) == 2
+
+
+def test_hub_distribution_downloads_with_monai_and_runs_without_repo(abdomen, tmp_path):
+    """`python bundles/build.py --hub` writes each bundle as a Hugging Face Hub repository; MONAI's own
+    `download --source huggingface_hub` fetches it from a Hub stand-in on loopback, and it runs without misfm."""
+    pytest.importorskip("huggingface_hub", reason="MONAI's Hub download needs huggingface_hub")
+    import hub_server
+
+    name = "misfm_abdomen_ct_segmentation"
+    version = build.bundle_version(name)
+    folders = build.build_hub(tmp_path / "hub")
+    assert sorted(f.name for f in folders) == sorted(bu.ALL_BUNDLES)
+    repo = tmp_path / "hub" / name
+    card = (repo / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: monai\n") and (repo / "docs" / "README.md").read_text() in card
+    python = _venv_without_misfm(tmp_path / "venv")
+    work = tmp_path / "outside"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(PYTHONNOUSERSITE="1", OMP_NUM_THREADS="2", HF_HOME=str(tmp_path / "hf_home"),
+               HF_HUB_DISABLE_TELEMETRY="1")
+    server = hub_server.HubServer({f"misfm/{name}": (repo, version)})
+    with server as endpoint:
+        env["HF_ENDPOINT"] = endpoint
+        download = [str(python), "-m", "monai.bundle", "download", "--name", name, "--source", "huggingface_hub",
+                    "--repo", f"misfm/{name}"]
+        _ok(subprocess.run(download + ["--version", version, "--bundle_dir", str(work / "bundles")], cwd=work, env=env,
+                           capture_output=True, encoding="utf-8", errors="replace", timeout=120))
+        missing = subprocess.run(download + ["--version", "9.9.9", "--bundle_dir", str(work / "elsewhere")], cwd=work,
+                                 env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=120)
+    assert missing.returncode != 0 and not list((work / "elsewhere").rglob("*.json"))  # unknown version: an error
+    assert ("GET", f"/api/models/misfm/{name}/revision/{version}") in server.requests
+    bundle_dir = work / "bundles" / name
+    for rel in ("configs/train.json", "configs/metadata.json", "LICENSE", f"{name}_lib/misfm_nets/pctnet.py"):
+        assert (bundle_dir / rel).read_bytes() == (repo / rel).read_bytes(), rel
+    (bundle_dir / "models").mkdir()
+    shutil.copy(abdomen[0] / "models" / "model.pt", bundle_dir / "models" / "model.pt")
+    _, _, overrides, _ = abdomen
+    args = dict(_infer_overrides(overrides), ckpt_dir=str(bundle_dir / "models"), output_dir=str(work / "pred"),
+                bundle_root=str(bundle_dir), config_file=str(bundle_dir / "configs" / "inference.json"),
+                meta_file=str(bundle_dir / "configs" / "metadata.json"),
+                logging_file=str(bundle_dir / "configs" / "logging.conf"))
+    (work / "args.json").write_text(json.dumps(args))
+    r = subprocess.run([str(python), "-m", "monai.bundle", "run", "--args_file", str(work / "args.json")], cwd=work,
+                       env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+    _ok(r)
+    assert len(list((work / "pred").rglob("*_seg.nii.gz"))) == 2
