@@ -155,10 +155,26 @@ def render_metadata(bundle: str) -> str:
     return _dump(out)
 
 
+def render_large_files(bundle: str, entries: list[dict]) -> str:
+    """MONAI's ``large_files.yml``: the weights a bundle downloads (``python -m monai.bundle download_large_files``),
+    each with its URL and SHA-256; the bundle re-checks a listed file's digest before it loads it."""
+    lines = [f"# {_origin(bundle, None)}", "large_files:"]
+    for entry in entries:
+        missing = {"path", "url", "hash_val"} - set(entry)
+        if missing:
+            raise SystemExit(f"bundles/{bundle}/params.json large_files entry {entry} lacks {sorted(missing)}")
+        lines += [f'  - path: "{entry["path"]}"', f'    url: "{entry["url"]}"', f'    hash_val: "{entry["hash_val"]}"',
+                  f'    hash_type: "{entry.get("hash_type", "sha256")}"']
+    return "\n".join(lines) + "\n"
+
+
 def generated_files(bundle: str) -> dict[Path, str]:
     root = HERE / bundle
-    kind = load_params(bundle)["kind"]
+    params = load_params(bundle)
+    kind = params["kind"]
     files = {root / "configs" / name: render_config(bundle, name) for name in FILES[kind]}
+    if params.get("large_files"):
+        files[root / "large_files.yml"] = render_large_files(bundle, params["large_files"])
     files[root / "configs" / "metadata.json"] = render_metadata(bundle)
     files[root / "LICENSE"] = (COMMON / "LICENSE").read_text()
     files[root / lib_name(bundle) / "__init__.py"] = SHIM.format(bundle=bundle)

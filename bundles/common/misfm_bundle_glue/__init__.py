@@ -24,11 +24,11 @@ from .checks import (
 )
 from .data import SeededDataset, VolumePairDataset
 from .engines import DeepSupervisionSlidingWindowInferer, VolumeFusionPrepareBatch, sync_batchnorm
-from .handlers import HausdorffDistanceMM, PerClassMetricsWriter
+from .handlers import HausdorffDistanceMM, PerClassMetricsWriter, RunRecord
 from .loading import LoadCheckedImaged
 from .resume import AtomicCheckpointSaver, TrainingCheckpointer, atomic_torch_save
-from .runtime import EvaluationSampler, output_root, setup_process
-from .weights import CheckedCheckpointLoader, load_pretrained_weights
+from .runtime import EvaluationSampler, output_root, select_training_cases, setup_process
+from .weights import CheckedCheckpointLoader, file_sha256, load_pretrained_weights
 
 __all__ = [
     "PCTNet",
@@ -55,10 +55,13 @@ __all__ = [
     "HausdorffDistanceMM",
     "load_pretrained_weights",
     "CheckedCheckpointLoader",
+    "file_sha256",
     "TrainingCheckpointer",
     "AtomicCheckpointSaver",
     "atomic_torch_save",
     "setup_process",
     "EvaluationSampler",
     "output_root",
+    "select_training_cases",
+    "RunRecord",
 ]

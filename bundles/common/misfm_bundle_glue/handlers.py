@@ -1,20 +1,50 @@
-"""Evaluation handlers: Hausdorff distance in millimetres, a per-class metrics CSV writer (class names as columns)."""
+"""Handlers: a record of what a training run used, Hausdorff distance in millimetres, a per-class metrics CSV."""
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from monai.handlers import HausdorffDistance
 
-__all__ = ["HausdorffDistanceMM", "PerClassMetricsWriter"]
+__all__ = ["HausdorffDistanceMM", "PerClassMetricsWriter", "RunRecord"]
 
 logger = logging.getLogger("misfm.bundle")
+
+
+class RunRecord:
+    """Write ``<save_dir>/run.json`` when training starts (rank 0): what this run trained on and from (label budget,
+    the training cases, the pretrained checkpoint and its SHA-256, ...), so a result can be traced to its inputs.
+
+    Attached to the trainer, it writes after every check and the data loading passed (nothing on a failed start).
+    """
+
+    def __init__(self, save_dir: str, info: Mapping[str, Any], filename: str = "run.json") -> None:
+        self.path = os.path.join(os.fspath(save_dir), filename)
+        self.info = dict(info)
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self._write)
+
+    def _write(self, engine: Any) -> None:
+        from .runtime import rank
+
+        if rank() != 0:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.info, f, indent=2, default=str)
+        os.replace(tmp, self.path)
+        logger.info("run record written to %s", self.path)
 
 
 class HausdorffDistanceMM(HausdorffDistance):

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
 from .checks import flag
 
-__all__ = ["rank", "world_size", "setup_process", "EvaluationSampler", "output_root"]
+__all__ = ["rank", "world_size", "setup_process", "EvaluationSampler", "output_root", "select_training_cases",
+           "budget_count"]
 
 logger = logging.getLogger("misfm.bundle")
 
@@ -102,3 +105,42 @@ def output_root(datalist: Sequence[Mapping[str, Any]], key: str = "image") -> st
             )
         outputs[stem] = path
     return root
+
+
+def select_training_cases(datalist: Sequence[Mapping[str, Any]], budget: Any = "all",
+                          seed: int = 0) -> list[Mapping[str, Any]]:
+    """The training cases of a label budget: ``"all"``, a count (an int >= 1) or a fraction in (0, 1] of the list.
+
+    The cases are the first ``n`` of a permutation drawn with ``seed``, so the same budget and seed always select
+    the same cases, and a larger budget with the same seed holds every case of a smaller one (nested subsets, as a
+    label-efficiency study needs). Logged; a budget larger than the list is an error.
+    """
+    total = len(datalist)
+    count = budget_count(budget, total)
+    if count == total:
+        chosen = list(datalist)
+    else:
+        order = np.random.RandomState(int(seed)).permutation(total)
+        chosen = [datalist[int(i)] for i in sorted(order[:count])]
+    logger.info("label budget %s: training on %d of %d labelled cases (label_budget_seed %d)%s", budget, count, total,
+                int(seed), "" if count == total else ": " + ", ".join(os.path.basename(str(c.get("image", c)))
+                                                                     for c in chosen[:20]))
+    return chosen
+
+
+def budget_count(budget: Any, total: int) -> int:
+    """How many of ``total`` cases a label budget means (see :func:`select_training_cases`)."""
+    if isinstance(budget, str) and budget.strip().lower() == "all":
+        return total
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not budget > 0:
+        raise ValueError(f"label_budget must be 'all', a number of cases >= 1 or a fraction in (0, 1], got {budget!r}.")
+    if isinstance(budget, float) and budget <= 1.0:  # a fraction of the list
+        count = max(1, round(budget * total))
+    elif float(budget).is_integer():
+        count = int(budget)
+    else:
+        raise ValueError(f"label_budget {budget!r}: a number of cases must be whole, a fraction at most 1.")
+    if count > total:
+        raise ValueError(f"label_budget {budget!r} asks for {count} cases but the training list has {total}; use a "
+                         "smaller budget or 'all'.")
+    return count
