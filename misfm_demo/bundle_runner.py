@@ -28,7 +28,7 @@ def _override(value) -> str:
 
 
 def run_bundle(
-    bundle: str,
+    bundle: str | Path,
     workflow: str,
     config_files: Sequence[str],
     overrides: Mapping[str, object],
@@ -36,11 +36,12 @@ def run_bundle(
     description: str,
     launcher: Sequence[str] = (sys.executable, "-m"),
 ) -> None:
-    """``python -m monai.bundle run <workflow>`` on ``bundles/<bundle>`` with ``--key value`` overrides.
+    """``python -m monai.bundle run <workflow>`` on ``bundles/<bundle>`` (or a bundle folder) with ``--key value``
+    overrides.
 
     The full output goes to ``log_file``; training iterations drive a progress bar.
     """
-    root = BUNDLES_DIR / bundle
+    root = Path(bundle) if Path(bundle).is_dir() else BUNDLES_DIR / bundle
     configs = [str(root / "configs" / name) for name in config_files]
     cmd = [*launcher, "monai.bundle", "run", workflow,
            "--meta_file", str(root / "configs" / "metadata.json"),
