@@ -1,4 +1,4 @@
-"""Run a bundle workflow the way users do (``python -m monai.bundle run ...``), with a progress bar."""
+"""Bundles as users run them: find one, read its configs, run a workflow (``python -m monai.bundle run ...``)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,51 @@ from typing import Mapping, Sequence
 
 from tqdm import tqdm
 
-__all__ = ["BUNDLES_DIR", "BundleRunError", "run_bundle"]
+__all__ = ["BUNDLES_DIR", "SHORT_NAMES", "BundleRunError", "bundle_folder", "bundle_config", "bundle_network",
+           "run_bundle"]
 
 BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
+SHORT_NAMES = {
+    "pretraining": "misfm_ct_pretraining",
+    "abdomen": "misfm_abdomen_ct_segmentation",
+    "thorax": "misfm_thorax_ct_segmentation",
+    "headneck": "misfm_headneck_ct_segmentation",
+}
 # MONAI's StatsHandler: "Epoch: 3/10, Iter: 4/5 -- train_loss: 0.6021"
 _ITERATION = re.compile(r"Epoch: (\d+)/(\d+), Iter: (\d+)/(\d+)")
 
 
 class BundleRunError(RuntimeError):
     """A bundle command failed; the message names the command and the log with its full output."""
+
+
+def bundle_folder(bundle: str | Path) -> Path:
+    """A bundle's folder from a short name (``abdomen``), a bundle name or a folder path."""
+    name = SHORT_NAMES.get(str(bundle), str(bundle))
+    path = Path(name) if Path(name).is_dir() else BUNDLES_DIR / name
+    if not (path / "configs" / "train.json").is_file():
+        raise ValueError(f"bundle {str(bundle)!r}: no bundle there; use one of {sorted(SHORT_NAMES)}, a bundle name "
+                         "or a bundle folder.")
+    return path
+
+
+def bundle_config(bundle: str | Path, overrides: Mapping[str, object] | None = None, config: str = "train.json"):
+    """A bundle's config with ``overrides``, parsed by MONAI (nothing instantiated)."""
+    from monai.bundle import ConfigParser
+
+    folder = bundle_folder(bundle)
+    parser = ConfigParser()
+    parser.read_config(str(folder / "configs" / config))
+    parser.update({"bundle_root": str(folder), **(overrides or {})})
+    return parser
+
+
+def bundle_network(parser):
+    """The PCT-Net a parsed bundle config builds (``network_def``), built from the installed ``misfm_nets``."""
+    from misfm_nets import PCTNet
+
+    args = {k: parser.get_parsed_content(f"network_def#{k}") for k in parser["network_def"] if not k.startswith("_")}
+    return PCTNet(**args)
 
 
 def _override(value) -> str:
@@ -41,7 +77,7 @@ def run_bundle(
 
     The full output goes to ``log_file``; training iterations drive a progress bar.
     """
-    root = Path(bundle) if Path(bundle).is_dir() else BUNDLES_DIR / bundle
+    root = bundle_folder(bundle)
     configs = [str(root / "configs" / name) for name in config_files]
     cmd = [*launcher, "monai.bundle", "run", workflow,
            "--meta_file", str(root / "configs" / "metadata.json"),

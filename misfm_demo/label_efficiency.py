@@ -33,15 +33,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .bundle_runner import BUNDLES_DIR, run_bundle
+from .bundle_runner import bundle_config, bundle_folder, bundle_network, run_bundle
 
-__all__ = ["Run", "plan_study", "run_study", "main"]
+__all__ = ["Run", "plan_study", "run_study", "parse_overrides", "main"]
 
-BUNDLES = {
-    "abdomen": "misfm_abdomen_ct_segmentation",
-    "thorax": "misfm_thorax_ct_segmentation",
-    "headneck": "misfm_headneck_ct_segmentation",
-}
 INITS = ("pretrained", "scratch")
 
 
@@ -72,33 +67,6 @@ def _budget_value(text: str) -> Any:
             raise ValueError(f"--budgets: {text!r} is not 'all', a number of cases or a fraction") from None
 
 
-def _bundle_dir(bundle: str) -> Path:
-    name = BUNDLES.get(bundle, bundle)
-    path = Path(name) if Path(name).is_dir() else BUNDLES_DIR / name
-    if not (path / "configs" / "train.json").is_file():
-        raise ValueError(f"--bundle {bundle!r}: no segmentation bundle there; use one of {sorted(BUNDLES)} or a "
-                         "bundle folder.")
-    return path
-
-
-def _training_config(bundle_dir: Path, overrides: Mapping[str, Any]):
-    """The bundle's train.json with ``overrides``, parsed (nothing instantiated)."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(bundle_dir / "configs" / "train.json"))
-    parser.update({"bundle_root": str(bundle_dir), **overrides})
-    return parser
-
-
-def _network(parser):
-    """The bundle's PCT-Net as its config builds it."""
-    from misfm_nets import PCTNet
-
-    args = {k: parser.get_parsed_content(f"network_def#{k}") for k in parser["network_def"] if not k.startswith("_")}
-    return PCTNet(**args)
-
-
 def plan_study(bundle: str, datalist: Path, dataset_dir: Path | None, pretrained: Path | None,
                budgets: Sequence[str], seeds: int, overrides: Mapping[str, Any]) -> list[Run]:
     """Check every argument, then list the runs (smallest budget first). Nothing is trained or written here."""
@@ -106,7 +74,7 @@ def plan_study(bundle: str, datalist: Path, dataset_dir: Path | None, pretrained
     from misfm_bundle_glue.runtime import budget_count
     from misfm_nets import load_pretrained
 
-    bundle_dir = _bundle_dir(bundle)
+    bundle_dir = bundle_folder(bundle)
     base = str(dataset_dir or datalist.parent)
     training = load_datalist(str(datalist), "training", base)
     validation = load_datalist(str(datalist), "validation", base, dedupe=False)
@@ -117,7 +85,7 @@ def plan_study(bundle: str, datalist: Path, dataset_dir: Path | None, pretrained
     check_datalist(validation, "validation")
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}.")
-    config = _training_config(bundle_dir, overrides)
+    config = bundle_config(bundle_dir, overrides)
     epochs, every = (int(config.get_parsed_content(k)) for k in ("max_epochs", "val_interval"))
     if every > epochs:
         raise ValueError(f"val_interval {every} > max_epochs {epochs}: no validation would run, so no model.pt would "
@@ -129,7 +97,7 @@ def plan_study(bundle: str, datalist: Path, dataset_dir: Path | None, pretrained
         if not pretrained.is_file():
             raise ValueError(f"--pretrained {str(pretrained)!r} does not exist.")
         try:
-            load_pretrained(_network(config), str(pretrained), mode="encoder")
+            load_pretrained(bundle_network(config), str(pretrained), mode="encoder")
         except (ValueError, TypeError) as err:
             raise ValueError(f"--pretrained {str(pretrained)!r} does not fit the {bundle_dir.name} network: {err}") from err
     inits = INITS if pretrained is not None else ("scratch",)
@@ -185,7 +153,7 @@ def run_study(bundle: str, datalist: Path, pretrained: Path | None, budgets: Seq
     """Plan, run (or continue) every run, then write the CSV, the plot and the summary; returns their paths."""
     overrides = dict(overrides or {})
     runs = plan_study(bundle, datalist, dataset_dir, pretrained, budgets, seeds, overrides)
-    bundle_dir = _bundle_dir(bundle)
+    bundle_dir = bundle_folder(bundle)
     launcher = None
     if nproc > 1:
         torchrun = str(Path(sys.executable).parent / "torchrun")
@@ -289,7 +257,7 @@ def _summary(results: Sequence[Mapping[str, Any]], bundle: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     """``key=value`` pairs; values are read as JSON when they parse (numbers, lists, true/false), else strings."""
     out = {}
     for pair in pairs:
@@ -306,7 +274,7 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m misfm_demo.label_efficiency", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", required=True, help=f"{', '.join(BUNDLES)} or a segmentation bundle folder")
+    parser.add_argument("--bundle", required=True, help="abdomen, thorax, headneck or a segmentation bundle folder")
     parser.add_argument("--datalist", required=True, type=Path, help="decathlon-style JSON with training and "
                         "validation lists")
     parser.add_argument("--dataset-dir", type=Path, default=None, help="folder the datalist's paths are relative to "
@@ -322,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         outputs = run_study(args.bundle, args.datalist, args.pretrained, args.budgets, args.seeds, args.output_dir,
-                            args.dataset_dir, _overrides(args.overrides), args.nproc)
+                            args.dataset_dir, parse_overrides(args.overrides), args.nproc)
     except ValueError as err:
         parser.error(str(err))
     for name, path in outputs.items():
