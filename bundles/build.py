@@ -1,24 +1,25 @@
 #!/usr/bin/env python
-"""Generate the MIS-FM bundles' configs from the shared templates, and build self-contained bundle zips.
+"""Generate the MIS-FM bundles' configs and docs from shared templates, and build self-contained releases.
 
 Single source of truth:
 
-* ``bundles/common/templates/{segmentation,pretraining}/`` : the configs (``__LIB__`` = the bundle's package);
-* ``bundles/<bundle>/params.json``                        : what differs per bundle (classes, label names, roi,
-                                                            version and changelog, metadata text);
-* ``bundles/common/misfm_bundle_glue/``                    : the Python glue used by all configs.
+* ``bundles/common/templates/{segmentation,pretraining}/``: the configs (``__LIB__`` = the bundle's package) and the
+  docs (with ``bundles/common/templates/README_shared.md``);
+* ``bundles/<bundle>/params.json``: what differs per bundle (classes, label names, roi, version and changelog,
+  metadata text, results, large files);
+* ``bundles/common/misfm_bundle_glue/``: the Python code all configs use (installed with misfm).
 
 Commands (run from the repository root)::
 
-    python bundles/build.py --sync          # (re)write bundles/<bundle>/configs/*, LICENSE and the <bundle>_lib shim
+    python bundles/build.py --sync          # (re)write every bundle's generated files
     python bundles/build.py --check         # exit 1 if any generated file is out of date
     python bundles/build.py [--out dist]    # check, then write dist/<bundle>_v<version>.zip for every bundle
     python bundles/build.py --hub dist/hub  # ... and dist/hub/<bundle>/, each a Hugging Face Hub repository
 
-In the repository ``<bundle>_lib/__init__.py`` is a shim re-exporting ``misfm_bundle_glue``, installed with misfm
-(``pip install -e .``) together with ``misfm_nets`` / ``misfm_transforms``. In a zip, ``<bundle>_lib/`` is a vendored copy: the glue modules
-plus ``misfm_nets/`` and ``misfm_transforms/`` with their absolute imports rewritten to the vendored package, so a
-downloaded bundle needs only torch + MONAI (+ nibabel), and two bundles can be loaded in one process.
+In the repository ``<bundle>_lib/__init__.py`` re-exports ``misfm_bundle_glue``. In a zip, ``<bundle>_lib/`` is a
+vendored copy: the glue modules plus ``misfm_nets/`` and ``misfm_transforms/`` with their absolute imports rewritten
+to the vendored package, so a downloaded bundle needs only torch + MONAI (+ nibabel, ...), and two bundles can be
+loaded in one process.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ FILES = {
         "train.json": ("pretraining", True),
         "vf_v2.json": ("pretraining", False),
         "fuse_on_device.json": ("pretraining", False),
+        "persistent_cache.json": ("pretraining", False),
         "evaluate.json": ("pretraining", False),
         "inference.json": ("segmentation", True),
         "multi_gpu_train.json": ("segmentation", False),
@@ -168,6 +170,29 @@ def render_large_files(bundle: str, entries: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_docs(bundle: str) -> str:
+    """``docs/README.md``: the kind's template, then the sections all bundles share, with this bundle's values."""
+    params = load_params(bundle)
+    cfg = params["config"]
+    body = (TEMPLATES / params["kind"] / "README.md").read_text() + "\n" + (TEMPLATES / "README_shared.md").read_text()
+    roi = cfg["roi_size"]
+    labels = "\n".join(["| value | name |", "|---|---|"] + [f"| {i} | {n} |" for i, n in enumerate(cfg["label_names"])])
+    values = {
+        "__BUNDLE__": bundle, "__SHORT__": params["short_name"], "__LIB__": lib_name(bundle),
+        "__VERSION__": params["version"], "__DESCRIPTION__": params["metadata"]["description"],
+        "__PIXDIM__": str(cfg["pixdim"]), "__INTENSITY__": str(cfg["intensity_range"]), "__ROI__": str(roi),
+        "__ROI_X__": str(roi[0]), "__ROI_Y__": str(roi[1]), "__ROI_Z__": str(roi[2]), "__LABEL_TABLE__": labels,
+        "__RESULTS__": "\n".join(params["results"]),
+    }
+    for key, value in values.items():
+        body = body.replace(key, value)
+    leftover = re.findall(r"__[A-Z_]+__", body)
+    if leftover:
+        raise SystemExit(f"docs template placeholders without a value for {bundle}: {sorted(set(leftover))}")
+    origin = _origin(bundle, f"{params['kind']}/README.md and bundles/common/templates/README_shared.md")
+    return f"<!-- {origin} -->\n{body}"
+
+
 def generated_files(bundle: str) -> dict[Path, str]:
     root = HERE / bundle
     params = load_params(bundle)
@@ -176,6 +201,7 @@ def generated_files(bundle: str) -> dict[Path, str]:
     if params.get("large_files"):
         files[root / "large_files.yml"] = render_large_files(bundle, params["large_files"])
     files[root / "configs" / "metadata.json"] = render_metadata(bundle)
+    files[root / "docs" / "README.md"] = render_docs(bundle)
     files[root / "LICENSE"] = (COMMON / "LICENSE").read_text()
     files[root / lib_name(bundle) / "__init__.py"] = SHIM.format(bundle=bundle)
     return files

@@ -2,11 +2,12 @@
 
 1. fetch real CT (:mod:`misfm_demo.fetch_data`);
 2. pretrain PCT-Net by Volume Fusion on all volumes (bundle ``misfm_ct_pretraining``);
-3. fine-tune the abdomen bundle from that checkpoint, and the same from scratch with the same steps;
-4. segment a volume neither model trained on (the DICOM series) and the thorax case (thorax bundle,
-   fine-tuned from the same checkpoint);
-5. write NIfTI segmentations, PNG montages, a PNG of VF samples, per-organ Dice (pretrained vs scratch) as CSV,
-   a short text summary and TensorBoard logs under one output folder.
+3. fine-tune the abdomen bundle from that checkpoint and from scratch, with the same steps, and evaluate both on a
+   volume neither trained on (the DICOM series): the label-efficiency study of
+   :mod:`misfm_demo.label_efficiency`, at the one labelled case this data has;
+4. fine-tune the thorax bundle from the same checkpoint and segment the thorax case;
+5. write NIfTI segmentations, PNG montages, a PNG of VF samples, the study's CSV, plot and summary, a short text
+   summary and TensorBoard logs under one output folder.
 
 ``--preset cpu`` (default) is sized for ~15 minutes on 2 CPU cores (a small network, short schedules);
 ``--preset paper`` is the paper's network and patch (64x128x128, default widths) and longer schedules, for a
@@ -17,8 +18,8 @@ TotalSegmentator model outputs, not manual ground truth.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 
 from .bundle_runner import BUNDLES_DIR, run_bundle
 from .fetch_data import default_data_dir, fetch_all
+from .label_efficiency import run_study
 
 __all__ = ["Preset", "PRESETS", "main", "run_main_job"]
 
@@ -45,6 +47,7 @@ class Preset:
     epoch_length: int
     batch_size: int
     num_workers: int
+    study_seeds: int = 1
     amp: bool = False
 
 
@@ -53,7 +56,7 @@ PRESETS: Dict[str, Preset] = {
     # oversubscribe the cores the training step uses.
     "cpu": Preset((8, 16, 32, 64, 128), (2, 4, 8), (64, 64, 32), (3.0, 3.0, 3.0), 10, 6, 20, 2, 0),
     "paper": Preset((24, 48, 128, 256, 512), (4, 8, 16), (128, 128, 64), (1.5, 1.5, 2.5), 100, 100, 200, 2, 8,
-                    amp=True),
+                    study_seeds=3, amp=True),
     "smoke": Preset((4, 8, 16, 32, 64), (2, 4, 8), (32, 32, 16), (4.0, 4.0, 4.0), 2, 2, 2, 2, 0),
 }
 
@@ -186,16 +189,14 @@ def run_main_job(preset_name: str, output_dir: Path, data_dir: Path | None = Non
     }, logs / "pretraining.log", "[3/6] VF pretraining")
     pretrained = pre_dir / "models" / "model.pt"
 
+    # pretrained vs scratch on the abdomen bundle: the label-efficiency study users run on their own data
+    print("[4/6] abdomen fine-tuning, pretrained vs scratch (label-efficiency study)")
     abdomen = datalists["abdomen"]
-    runs = {}
-    for variant, checkpoint in (("pretrained", str(pretrained)), ("scratch", "")):
-        work = out / f"abdomen_{variant}"
-        run_bundle("misfm_abdomen_ct_segmentation", "training", ["train.json"], {
-            **_common_overrides(preset, work), "dataset_dir": str(abdomen.parent),
-            "data_list_file_path": str(abdomen), "max_epochs": preset.finetune_epochs,
-            "pretrained_checkpoint": checkpoint,
-        }, logs / f"abdomen_{variant}.log", f"[4/6] abdomen fine-tuning ({variant})")
-        runs[variant] = work
+    study_dir = out / "label_efficiency"
+    tuning = {k: v for k, v in _common_overrides(preset, study_dir).items() if k not in ("ckpt_dir", "output_dir")}
+    study = run_study("abdomen", abdomen, pretrained, ["all"], preset.study_seeds, study_dir,
+                      overrides={**tuning, "max_epochs": preset.finetune_epochs})
+    runs = {init: study_dir / "runs" / f"{init}_n{_count(abdomen)}_s0" for init in ("pretrained", "scratch")}
 
     thorax = _with_training_as_validation(datalists["thorax"], out / "inference" / "thorax_train.json")
     thorax_work = out / "thorax_pretrained"
@@ -203,36 +204,30 @@ def run_main_job(preset_name: str, output_dir: Path, data_dir: Path | None = Non
         **_common_overrides(preset, thorax_work), "dataset_dir": str(thorax.parent),
         "data_list_file_path": str(thorax), "max_epochs": max(preset.finetune_epochs // 2, 1),
         "pretrained_checkpoint": str(pretrained),
-    }, logs / "thorax_pretrained.log", "[4/6] thorax fine-tuning (pretrained)")
+    }, logs / "thorax_pretrained.log", "[5/6] thorax fine-tuning (pretrained)")
 
-    print("[5/6] segmenting unseen and thorax volumes")
-    unseen = _entries(abdomen, "validation")[0]
     thorax_case = _entries(thorax, "training")[0]
     seg_dir = out / "segmentations"
-    for variant, work in runs.items():
-        listing = _write_testing_datalist(out / "inference" / "abdomen.json", [unseen["image"]])
-        run_bundle("misfm_abdomen_ct_segmentation", "run", ["inference.json"], {
-            **_common_overrides(preset, work), "dataset_dir": str(listing.parent),
-            "data_list_file_path": str(listing), "output_dir": str(seg_dir / f"abdomen_{variant}"),
-        }, logs / f"inference_abdomen_{variant}.log", f"[5/6] abdomen inference ({variant})")
     listing = _write_testing_datalist(out / "inference" / "thorax.json", [thorax_case["image"]])
     run_bundle("misfm_thorax_ct_segmentation", "run", ["inference.json"], {
         **_common_overrides(preset, thorax_work), "dataset_dir": str(listing.parent),
         "data_list_file_path": str(listing), "output_dir": str(seg_dir / "thorax_pretrained"),
     }, logs / "inference_thorax.log", "[5/6] thorax inference")
 
-    print("[6/6] scoring and pictures")
+    print("[6/6] pictures and summary")
     from .visualize import save_segmentation_montage
 
     abdomen_labels, thorax_labels = _labels(abdomen), _labels(thorax)
+    unseen = _entries(abdomen, "validation")[0]
     image, spacing = _load_ras(unseen["image"])
     reference, _ = _load_ras(unseen["label"])
     segs = {"reference (TotalSegmentator)": reference.astype(np.int16)}
-    dice: Dict[str, Dict[str, float]] = {}
-    for variant in runs:
-        seg, _ = _load_ras(_segmentation_file(seg_dir / f"abdomen_{variant}", unseen["image"]))
-        segs[f"fine-tuned from {variant}" if variant == "scratch" else "fine-tuned from VF pretraining"] = seg
-        dice[variant] = organ_dice(seg, reference, abdomen_labels)
+    for init, run in runs.items():  # the study's evaluation wrote its predictions on the input grid
+        found = _segmentation_file(run / "eval" / "pred", unseen["image"])
+        (seg_dir / f"abdomen_{init}").mkdir(parents=True, exist_ok=True)
+        kept = shutil.copy(found, seg_dir / f"abdomen_{init}" / found.name)
+        seg, _ = _load_ras(kept)
+        segs["fine-tuned from VF pretraining" if init == "pretrained" else "fine-tuned from scratch"] = seg
     montage = save_segmentation_montage(out / "figures" / "montage_unseen_dicom_series.png", image, segs,
                                         abdomen_labels, spacing, "Unseen DICOM series (abdomen bundle)")
     t_image, t_spacing = _load_ras(thorax_case["image"])
@@ -244,16 +239,6 @@ def run_main_job(preset_name: str, output_dir: Path, data_dir: Path | None = Non
         thorax_labels, t_spacing, "Thorax case (thorax bundle, trained on this case)", window=(-400.0, 600.0))
     thorax_dice = organ_dice(t_seg, t_ref, thorax_labels)
 
-    dice_csv = out / "dice_pretrained_vs_scratch.csv"
-    organs = list(dice["pretrained"])
-    with open(dice_csv, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["organ", "dice_pretrained", "dice_scratch"])
-        for organ in organs:
-            writer.writerow([organ, f"{dice['pretrained'][organ]:.4f}", f"{dice['scratch'].get(organ, 0.0):.4f}"])
-        writer.writerow(["mean", f"{np.mean(list(dice['pretrained'].values())):.4f}",
-                         f"{np.mean(list(dice['scratch'].values())):.4f}"])
-
     summary = out / "summary.txt"
     lines = [
         f"misfm main job, preset '{preset_name}', {time.time() - started:.0f} s",
@@ -261,25 +246,28 @@ def run_main_job(preset_name: str, output_dir: Path, data_dir: Path | None = Non
         f"{tuple(preset.pixdim)} mm; pretraining {preset.pretrain_epochs}x{preset.epoch_length} iterations, "
         f"fine-tuning {preset.finetune_epochs}x{preset.epoch_length} (thorax "
         f"{max(preset.finetune_epochs // 2, 1)}x{preset.epoch_length})",
-        "Dice against TotalSegmentator model outputs (not manual ground truth) on the unseen DICOM series:",
-        f"  mean over {len(organs)} organs present: pretrained {np.mean(list(dice['pretrained'].values())):.3f}, "
-        f"scratch {np.mean(list(dice['scratch'].values())):.3f}",
-        *(f"  {o:<28} pretrained {dice['pretrained'][o]:.3f}  scratch {dice['scratch'].get(o, 0.0):.3f}"
-          for o in organs),
+        "Abdomen bundle, Dice against TotalSegmentator model outputs (not manual ground truth) on the unseen DICOM",
+        "series, organs present in it (label_efficiency/label_efficiency.csv has every organ):",
+        study["summary"].read_text(encoding="utf-8").rstrip(),
         "Thorax case (trained on it; a sanity check, not a generalisation figure): "
         + ", ".join(f"{o} {d:.3f}" for o, d in thorax_dice.items()),
     ]
     summary.write_text("\n".join(lines) + "\n", encoding="utf-8")
     outputs = {
-        "summary": summary, "dice_csv": dice_csv, "vf_samples_png": vf_png, "montage_png": montage,
-        "thorax_montage_png": thorax_montage, "segmentations": seg_dir, "pretrained_checkpoint": pretrained,
-        "tensorboard": out, "logs": logs,
+        "summary": summary, "study_csv": study["csv"], "study_plot": study["plot"], "vf_samples_png": vf_png,
+        "montage_png": montage, "thorax_montage_png": thorax_montage, "segmentations": seg_dir,
+        "pretrained_checkpoint": pretrained, "tensorboard": out, "logs": logs,
     }
     print("\n".join(lines))
     print("\noutputs:")
     for name, path in outputs.items():
         print(f"  {name:<22} {path}")
     return outputs
+
+
+def _count(datalist: Path) -> int:
+    """How many labelled training cases the datalist has (the study's "all" budget)."""
+    return len(_entries(datalist, "training"))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -180,13 +180,15 @@ def test_pretraining_v1_cpu_fusion(pretrained):
     assert "training from scratch" in out
 
 
-@pytest.mark.parametrize("variant", ["vf_v2.json", "fuse_on_device.json"])
+@pytest.mark.parametrize("variant", ["vf_v2.json", "fuse_on_device.json", "persistent_cache.json"])
 def test_pretraining_variants(pretrained, variant, tmp_path):
     _, datalist, overrides, _ = pretrained
-    ov = dict(overrides, **_paths(tmp_path, datalist), max_epochs=1)
+    ov = dict(overrides, **_paths(tmp_path, datalist), max_epochs=1, cache_dir=str(tmp_path / "cache"))
     _ok(bu.run_bundle(bu.BUNDLES_DIR / bu.PRETRAINING, "training", ["train.json", variant], ov, tmp_path / "work"))
     assert (tmp_path / "models" / "model.pt").is_file()
     assert all(math.isfinite(v) for v in bu.read_scalars(tmp_path / "eval", "train_loss"))
+    cached = list((tmp_path / "cache").glob("*.pt"))
+    assert len(cached) == (5 if variant == "persistent_cache.json" else 0)  # 3 training + 2 validation volumes
 
 
 def test_pretraining_variants_are_override_files_not_runtime_switches(monkeypatch):

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import csv
-import json
 
 import matplotlib.image
 import nibabel as nib
 import numpy as np
 import pytest
 
-from misfm_demo.main_job import organ_dice, run_main_job
+from misfm_demo.fetch_data import fetch_all
+from misfm_demo.main_job import _entries, organ_dice, run_main_job
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def outputs(tmp_path_factory):
 
 
 def test_every_output_exists(outputs):
-    for name in ("summary", "dice_csv", "vf_samples_png", "montage_png", "thorax_montage_png",
+    for name in ("summary", "study_csv", "study_plot", "vf_samples_png", "montage_png", "thorax_montage_png",
                  "pretrained_checkpoint"):
         assert outputs[name].is_file() and outputs[name].stat().st_size > 0, name
     assert list(outputs["tensorboard"].rglob("events.out.tfevents.*")), "no TensorBoard event files"
@@ -27,7 +27,7 @@ def test_every_output_exists(outputs):
 
 
 def test_pictures_decode(outputs):
-    for name in ("vf_samples_png", "montage_png", "thorax_montage_png"):
+    for name in ("vf_samples_png", "montage_png", "thorax_montage_png", "study_plot"):
         picture = matplotlib.image.imread(outputs[name])
         assert picture.ndim == 3 and min(picture.shape[:2]) > 200, name
         assert picture[..., :3].std() > 0.05, f"{name} is blank"
@@ -36,8 +36,8 @@ def test_pictures_decode(outputs):
 def test_segmentations_keep_the_input_grid_and_known_labels(outputs):
     segs = sorted(outputs["segmentations"].rglob("*.nii.gz"))
     assert len(segs) == 3  # unseen DICOM series x (pretrained, scratch) + thorax case
-    listing = json.loads((outputs["segmentations"].parent / "inference" / "abdomen.json").read_text())
-    source = nib.load(listing["testing"][0]["image"])
+    unseen = _entries(fetch_all(quiet=True)["abdomen"], "validation")[0]  # the study evaluated its models on it
+    source = nib.load(unseen["image"])
     for seg_path in segs:
         seg = nib.load(seg_path)
         data = np.asarray(seg.dataobj)
@@ -50,13 +50,15 @@ def test_segmentations_keep_the_input_grid_and_known_labels(outputs):
             assert set(np.unique(data)) <= set(range(5))
 
 
-def test_dice_table_is_sane(outputs):
-    with open(outputs["dice_csv"]) as f:
+def test_pretrained_vs_scratch_comes_from_the_study(outputs):
+    """One path: the main job's comparison is the label-efficiency study's table, evaluated by the bundle."""
+    with open(outputs["study_csv"], encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert rows[-1]["organ"] == "mean" and len(rows) >= 3
+    assert sorted(r["initialisation"] for r in rows) == ["pretrained", "scratch"]
     for row in rows:
-        for key in ("dice_pretrained", "dice_scratch"):
-            assert 0.0 <= float(row[key]) <= 1.0
+        assert 0.0 <= float(row["mean_dice"]) <= 1.0
+        assert float(row["dice_liver"]) >= 0.0  # the liver is in the unseen series' reference
+    assert "labelled cases" in outputs["summary"].read_text()
 
 
 def test_organ_dice_scores_only_organs_present_in_the_reference():
