@@ -205,14 +205,28 @@ def _device_problem(device: Any) -> str | None:
     return None
 
 
-def check_fusion_options(fusion_version: str, fuse_on_device: Any, batch_size: int) -> None:
-    """Reject inconsistent Volume Fusion settings of the pretraining bundle (see its override files)."""
+def check_fusion_options(fusion_version: str, fuse_on_device: Any, batch_size: int,
+                         fusion_transforms: Sequence[Any] = (), training_transforms: Sequence[Any] = ()) -> None:
+    """The pretraining bundle's Volume Fusion set-up is consistent: the variant keys agree with the pipeline the
+    config files built (``--fusion_version v2`` alone would change nothing: the variants are override files), the
+    variants are not combined, and fusion on the device has batches of at least 2 volumes."""
+    from misfm_transforms import RandVolumeFusiond, RandVolumeFusionGridd
+
     if fusion_version not in ("v1", "v2"):
         raise ValueError(f"fusion_version must be 'v1' (paper, random boxes) or 'v2' (VolF, block grid), got "
                          f"{fusion_version!r}.")
     on_device = flag(fuse_on_device, "fuse_on_device")
     if on_device and fusion_version != "v1":
         raise ValueError("configs/fuse_on_device.json implements VF-v1 only; do not combine it with configs/vf_v2.json.")
+    built_v2 = any(isinstance(t, RandVolumeFusionGridd) for t in fusion_transforms)
+    fused_in_loader = any(isinstance(t, (RandVolumeFusiond, RandVolumeFusionGridd)) for t in training_transforms)
+    if fusion_transforms and built_v2 != (fusion_version == "v2"):
+        raise ValueError(f"fusion_version is {fusion_version!r} but the pipeline is VF-{'v2' if built_v2 else 'v1'}: the "
+                         "variants are config files; add (or leave out) configs/vf_v2.json instead of setting the key.")
+    if training_transforms and fused_in_loader == on_device:
+        raise ValueError(f"fuse_on_device is {on_device} but the training pipeline fuses {'in the data loader' if "
+                         "fused_in_loader else 'nowhere'}: the variants are config files; add (or leave out) "
+                         "configs/fuse_on_device.json instead of setting the key.")
     if on_device and int(batch_size) < 2:
         raise ValueError(
             "configs/fuse_on_device.json fuses each sample with the previous one in the batch: set batch_size >= 2 "

@@ -178,7 +178,7 @@ def restore_rng(states: Mapping, randomizables: Sequence[Any] = ()) -> None:
         raise ValueError(
             f"the checkpoint holds {len(saved)} transform random states but the training pipeline has "
             f"{len(randomizables)} random transforms: the transforms changed since it was written. "
-            "Delete checkpoint.pt or set resume=false to start over."
+            "Delete checkpoint.pt or pass --resume false to start over."
         )
     for t, s in zip(randomizables, saved):
         _set_np_state(t.R, s)
@@ -397,14 +397,14 @@ class TrainingCheckpointer:
         except Exception as err:
             raise ValueError(
                 f"cannot read the training checkpoint {self.path!r} ({type(err).__name__}: {err}); delete it or "
-                "set resume=false to start over."
+                "pass --resume false to start over."
             ) from err
         saved_world, world = int(ckpt.get("world_size", 1)), world_size()
         if saved_world != world:
             raise ValueError(
                 f"training checkpoint {self.path!r} was written by {saved_world} process(es), this run has {world}: "
                 "each rank's data shard and random states would differ, it cannot resume exactly. Run with "
-                f"{saved_world} process(es), or delete it / set resume=false to start over."
+                f"{saved_world} process(es), or delete it / pass --resume false to start over."
             )
         for key, value in self.run_info.items():
             saved = ckpt.get("run_info", {}).get(key)
@@ -422,7 +422,7 @@ class TrainingCheckpointer:
             raise ValueError(
                 f"training checkpoint {self.path!r} was written with epoch_length {t['epoch_length']}, this run has "
                 f"{engine.state.epoch_length} (epoch_length / batch_size / datalist changed): it cannot resume "
-                "exactly. Restore the settings, or delete it / set resume=false to start over."
+                "exactly. Restore the settings, or delete it / pass --resume false to start over."
             )
         for key, obj in self.save_dict.items():
             try:
