@@ -35,7 +35,7 @@ def _percentiles(values: np.ndarray, q_low: float, q_high: float) -> tuple[float
     equal to numpy's linear method with a float ``q`` bit for bit.
 
     Two single-rank ``np.partition`` calls: numpy selects one rank with a SIMD quickselect but the several ranks
-    that ``np.percentile`` asks for with a scalar introselect, 5-8x slower (figures in ``benchmarks/README.md``).
+    that ``np.percentile`` asks for with a scalar introselect, several times slower (``benchmarks/README.md``).
     """
     n = values.size
     h_low, h_high = (n - 1) * (q_low / 100), (n - 1) * (q_high / 100)
