@@ -13,13 +13,14 @@ from .dictionary import (
     RandVolumeFusionGridDict,
 )
 from .fusion import RandVolumeFusion, RandVolumeFusionGrid, fuse_volumes
-from .pair_crop import RandPairCropForVolumeFusion, adaptive_contrast, gamma_correction
+from .pair_crop import RandPairCropForVolumeFusion, adaptive_contrast, gamma_correction, resize_linear
 
 __all__ = [
     "fuse_volumes",
     "RandVolumeFusion",
     "RandVolumeFusionGrid",
     "RandPairCropForVolumeFusion",
+    "resize_linear",
     "adaptive_contrast",
     "gamma_correction",
     "volume_fusion_batch",

@@ -17,6 +17,7 @@ from misfm_transforms import (
     RandVolumeFusionGridd,
     adaptive_contrast,
     gamma_correction,
+    resize_linear,
 )
 
 OUT = (12, 20, 24)
@@ -32,12 +33,10 @@ def _volume(seed: int = 0, shape=(1, 20, 32, 36)) -> np.ndarray:
 
 @pytest.mark.parametrize("crop,out", [((9, 17, 30), OUT), ((20, 32, 36), (20, 16, 50)), ((1, 5, 7), (3, 5, 9))])
 def test_resize_matches_scipy_zoom(crop, out):
-    """Same corner-aligned grid as zoom(order=1). A scale far above 1 makes the crop the whole input, so the patch
-    is the resize of it. mode="nearest": with zoom's default mode="constant" (used by pymic) a last slice whose
-    coordinate rounds to n - 1 + 4e-15 becomes cval = 0; ours keeps the edge value."""
-    image = np.ascontiguousarray(_volume(1)[:, : crop[0], : crop[1], : crop[2]])
-    whole = RandPairCropForVolumeFusion(out, scale_range=(100.0, 100.0), flip=False, intensity_augment=False)
-    ours = whole.set_random_state(0)(image)[0]
+    """Same corner-aligned grid as zoom(order=1). mode="nearest": with zoom's default mode="constant" (used by
+    pymic) a last slice whose coordinate rounds to n - 1 + 4e-15 becomes cval = 0; ours keeps the edge value."""
+    image = _volume(1)[:, : crop[0], : crop[1], : crop[2]]
+    ours = resize_linear(torch.from_numpy(np.ascontiguousarray(image)), out).numpy()
     ref = ndimage.zoom(image, [1.0] + [o / c for o, c in zip(out, crop)], order=1, mode="nearest")
     assert ours.shape == ref.shape == (1, *out)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * np.abs(image).max())

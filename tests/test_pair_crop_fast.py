@@ -1,5 +1,6 @@
-"""Checks of RandPairCropForVolumeFusion's own pieces: the two-partition percentiles against numpy.percentile, the
-degenerate contrast cases, the exp/log power against np.power, no aliasing of the input, and the error paths."""
+"""Checks of RandPairCropForVolumeFusion's own pieces: the separable resize against MONAI's trilinear Resize, the
+two-partition percentiles against numpy.percentile, the degenerate contrast cases, the exp/log power against
+np.power, no aliasing of the input, and the error paths."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from misfm_transforms import RandPairCropForVolumeFusion, adaptive_contrast, gamma_correction
+from monai.transforms import Resize
+
+from misfm_transforms import RandPairCropForVolumeFusion, adaptive_contrast, gamma_correction, resize_linear
 from misfm_transforms.pair_crop import _percentiles
 
 
@@ -22,6 +25,17 @@ def _arrays():
     yield "tiny", rng.rand(7).astype(np.float32)
     yield "one", np.float32([4.0])
     yield "interpolated", smooth.numpy().ravel()
+
+
+@pytest.mark.parametrize("shape,out", [((1, 9, 17, 30), (12, 20, 24)), ((3, 20, 30, 40), (10, 31, 17)),
+                                       ((2, 1, 5, 7), (3, 5, 9)), ((1, 6, 7, 8), (6, 7, 8))])
+def test_resize_linear_is_monai_trilinear_resize(shape, out):
+    image = torch.from_numpy(np.random.RandomState(1).randn(*shape).astype(np.float32))
+    view = image[:, :, :, 1:] if shape[3] > 2 else image  # a strided view, as a crop is
+    ours = resize_linear(view, out)
+    monai = Resize(out, mode="trilinear", align_corners=True)(view).as_tensor()
+    assert ours.shape == monai.shape and ours.is_contiguous() and ours.data_ptr() != image.data_ptr()
+    torch.testing.assert_close(ours, monai, rtol=0, atol=1e-6 * float(image.abs().max()))
 
 
 @pytest.mark.parametrize("q_low,q_high", [(0.1, 99.9), (1.3, 98.4), (2.0, 98.0), (0.0, 100.0), (50.0, 50.0)])
