@@ -35,11 +35,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from misfm_transforms import (  # noqa: E402
     RandPairCropForVolumeFusion,
-    RandVolumeFusion,
     RandVolumeFusionGrid,
     adaptive_contrast,
     gamma_correction,
-    volume_fusion_batch,
+    resize_linear,
 )
 from misfm_transforms import engine  # noqa: E402
 from misfm_transforms.pair_crop import _percentiles  # noqa: E402
@@ -116,8 +115,9 @@ def _stage_times(volume, crop, grid, images, box_min, box_max, repeats: int) -> 
         patches = []
         for i in range(2):
             start = crop.crop_starts[i]
-            patch = crop._resize(SpatialCrop(roi_start=start, roi_end=start + crop.crop_sizes[i])(data))
-            t = tick("v2 SpatialCrop + Resize (x2)", t)
+            patch = resize_linear(SpatialCrop(roi_start=start, roi_end=start + crop.crop_sizes[i])(data).as_tensor(),
+                                  crop.spatial_size)
+            t = tick("v2 SpatialCrop + resize_linear (x2)", t)
             patch = Flip(spatial_axis=[0, 1, 2])(patch).as_tensor()
             t = tick("v2 Flip, 3 axes (x2)", t)
             _percentiles(patch.reshape(-1).numpy(), *crop.percentiles[i])
@@ -153,7 +153,7 @@ def _sequential_box_painter(boxes: engine.Boxes, spatial) -> torch.Tensor:
 
 def _choices(patch: torch.Tensor, images: torch.Tensor, box_min, box_max, repeats: int) -> list[tuple[str, float, float]]:
     """(choice, ours ms, alternative ms) for the implementation choices, each pair interleaved."""
-    from monai.transforms import AdjustContrast
+    from monai.transforms import AdjustContrast, Resize
 
     n, _, *spatial = images.shape
     flat = patch.reshape(-1).numpy()
@@ -161,7 +161,11 @@ def _choices(patch: torch.Tensor, images: torch.Tensor, box_min, box_max, repeat
     boxes = engine.sample_boxes(torch.rand, 1, spatial, (10, 40), box_min, box_max, 4)
     label = engine.paint_boxes(boxes, spatial)[0]
     fg, bg = images[0], images[1]
+    crop = torch.from_numpy(np.random.RandomState(0).rand(1, *(int(s * 1.1) for s in patch.shape[1:])).astype(np.float32))
+    trilinear = Resize(patch.shape[1:], mode="trilinear", align_corners=True)
     rows = [
+        ("resize, 1.1x crop: resize_linear | MONAI trilinear Resize",
+         lambda: resize_linear(crop, patch.shape[1:]), lambda: trilinear(crop)),
         ("percentiles: 2 single-rank partitions | np.percentile",
          lambda: _percentiles(flat, 0.7, 99.3), lambda: np.percentile(flat, [0.7, 99.3])),
         ("power: exp(g log x) | torch.pow", lambda: unit.log().mul_(1.3).exp_(), lambda: unit.pow(1.3)),
