@@ -151,7 +151,8 @@ def _sequential_box_painter(boxes: engine.Boxes, spatial) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def _choices(patch: torch.Tensor, images: torch.Tensor, box_min, box_max, repeats: int) -> list[tuple[str, float, float]]:
+def _choices(patch: torch.Tensor, images: torch.Tensor, box_min, box_max, repeats: int
+             ) -> list[tuple[str, float, float]]:
     """(choice, ours ms, alternative ms) for the implementation choices, each pair interleaved."""
     from monai.transforms import AdjustContrast, Resize
 
@@ -159,9 +160,10 @@ def _choices(patch: torch.Tensor, images: torch.Tensor, box_min, box_max, repeat
     flat = patch.reshape(-1).numpy()
     unit = (patch - patch.min()) / (patch.max() - patch.min())
     boxes = engine.sample_boxes(torch.rand, 1, spatial, (10, 40), box_min, box_max, 4)
-    label = engine.paint_boxes(boxes, spatial)[0]
-    fg, bg = images[0], images[1]
-    crop = torch.from_numpy(np.random.RandomState(0).rand(1, *(int(s * 1.1) for s in patch.shape[1:])).astype(np.float32))
+    batch_boxes = engine.sample_boxes(torch.rand, n, spatial, (10, 40), box_min, box_max, 4)
+    batch_label = engine.paint_boxes(batch_boxes, spatial)  # uint8, widened to the int64 label in the row
+    crop_shape = (1, *(int(s * 1.1) for s in patch.shape[1:]))
+    crop = torch.from_numpy(np.random.RandomState(0).rand(*crop_shape).astype(np.float32))
     trilinear = Resize(patch.shape[1:], mode="trilinear", align_corners=True)
     rows = [
         ("resize, 1.1x crop: resize_linear | MONAI trilinear Resize",
@@ -173,9 +175,9 @@ def _choices(patch: torch.Tensor, images: torch.Tensor, box_min, box_max, repeat
          lambda: gamma_correction(patch, 1.3), lambda: AdjustContrast(1.3)(patch)),
         ("VF-v1 painter, 1 sample: bitmask | pymic's slices",
          lambda: engine.paint_boxes(boxes, spatial), lambda: _sequential_box_painter(boxes, spatial)),
-        ("fuse, 1 sample: numpy buffers | torch.empty",
-         lambda: engine.fuse(fg, bg, label, 4),
-         lambda: engine.fuse(fg, bg, label, 4, out=torch.empty(fg.shape))),
+        (f"int64 batch label, {batch_label.numel() >> 17} MiB: engine.empty | torch.empty",
+         lambda: engine.empty(batch_label.shape, torch.int64, "cpu").copy_(batch_label),
+         lambda: torch.empty(batch_label.shape, dtype=torch.int64).copy_(batch_label)),
     ]
     out = []
     for name, ours, alternative in rows:

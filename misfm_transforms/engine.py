@@ -173,7 +173,8 @@ def sample_grid(
     (validated by the caller).
     """
     u = uniform((6,))
-    block = [int(uniform_int(u[axis], low, high)) for axis, (low, high) in enumerate(zip(block_size_min, block_size_max))]
+    block = [int(uniform_int(u[axis], low, high))
+             for axis, (low, high) in enumerate(zip(block_size_min, block_size_max))]
     offset = [int(uniform_int(u[3 + axis], 0, size % b)) for axis, (size, b) in enumerate(zip(spatial_shape, block))]
     grid_shape = [size // b for size, b in zip(spatial_shape, block)]
     n_blocks = grid_shape[0] * grid_shape[1] * grid_shape[2]

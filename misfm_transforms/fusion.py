@@ -167,7 +167,8 @@ class RandVolumeFusion(_FusionBase):
         self.num_boxes = check_range("num_boxes", num_boxes, minimum=0)
         self.box_size_min, self.box_size_max = check_sizes("box_size_min", box_size_min, "box_size_max", box_size_max)
         no_boxes = torch.zeros((1, 0, 3), dtype=torch.int64)
-        self._set_boxes(Boxes(no_boxes, no_boxes, no_boxes, no_boxes, no_boxes[..., 0], torch.zeros(1, dtype=torch.int64)))
+        no_count = torch.zeros(1, dtype=torch.int64)
+        self._set_boxes(Boxes(no_boxes, no_boxes, no_boxes, no_boxes, no_boxes[..., 0], no_count))
 
     def _set_boxes(self, boxes: Boxes) -> None:
         self._boxes = boxes
