@@ -67,6 +67,7 @@ class Boxes(NamedTuple):
     counts: torch.Tensor
 
     def to(self, device: torch.device | str) -> Boxes:
+        """The same boxes on ``device``."""
         return Boxes(*(t.to(device) for t in self))
 
 
@@ -219,8 +220,8 @@ def fuse(
     """
     fused = empty(foreground.shape, torch.float32, foreground.device) if out is None else out
     fused.copy_(label)  # exact integer -> float32, broadcast over the channels
-    # K and 1 as tensors on the device: CUDA turns division by a host scalar into a reciprocal multiply, which
-    # can differ in the last bit (K = 3)
+    # K as a tensor on the device: CUDA turns division by a host scalar into a multiplication by its reciprocal,
+    # which can differ in the last bit (K = 3); 1 as one too, for torch.sub's tensor first operand
     k, one = (torch.full((), value, dtype=torch.float32, device=fused.device) for value in (num_levels, 1.0))
     fused.div_(k)
     one_minus_alpha = torch.sub(one, fused, out=empty(fused.shape, torch.float32, fused.device))
