@@ -65,8 +65,8 @@ class RandVolumeFusiond(_FusionDictBase):
 
     Example::
 
-        RandVolumeFusiond(background_key="image", foreground_key="foreground", label_key="label",
-                          box_size_max=(80, 80, 40))   # (x, y, z) order for MONAI-loaded volumes
+        RandVolumeFusiond(background_key="image", foreground_key="foreground", label_key="label")
+        # box sizes (8, 8, 8)..(80, 80, 40): (x, y, z), the paper's bounds for MONAI-loaded volumes
     """
 
     def __init__(
@@ -77,7 +77,7 @@ class RandVolumeFusiond(_FusionDictBase):
         num_levels: int = 4,
         num_boxes: Sequence[int] | int = (10, 40),
         box_size_min: Sequence[int] = (8, 8, 8),
-        box_size_max: Sequence[int] = (40, 80, 80),
+        box_size_max: Sequence[int] = (80, 80, 40),
         prob: float = 1.0,
         allow_missing_keys: bool = False,
     ) -> None:
@@ -114,7 +114,8 @@ class RandPairCropForVolumeFusiond(Randomizable, MapTransform):
     """Dictionary form of :class:`~misfm_transforms.pair_crop.RandPairCropForVolumeFusion`.
 
     For each key, patch 1 (foreground) goes to the matching ``foreground_key`` and patch 2 (background)
-    replaces the key's entry. All keys share one random draw (made from the first key's shape).
+    replaces the key's entry. All keys share one random draw (made from the first key's shape). The default
+    ``spatial_size`` is the paper's patch in MONAI's ``(x, y, z)`` order.
 
     Example::
 
@@ -125,7 +126,7 @@ class RandPairCropForVolumeFusiond(Randomizable, MapTransform):
         self,
         keys: KeysCollection = "image",
         foreground_key: str | Sequence[str] = "foreground",
-        spatial_size: Sequence[int] = (64, 128, 128),
+        spatial_size: Sequence[int] = (128, 128, 64),
         scale_range: Sequence[float] | Sequence[Sequence[float]] = ((0.7, 1.5), (0.7, 1.5), (0.7, 1.5)),
         flip: bool = True,
         intensity_augment: bool = True,

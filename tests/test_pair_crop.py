@@ -188,6 +188,13 @@ def test_dict_form_and_pipeline():
         RandPairCropForVolumeFusiond(keys=("a", "b"), foreground_key="a_fg", spatial_size=OUT)
 
 
+def test_dict_default_spatial_size_is_xyz():
+    """The dict form's default patch is the paper's 64 x 128 x 128 in MONAI's (x, y, z) order."""
+    volume = np.random.RandomState(12).rand(1, 160, 150, 80).astype(np.float32)
+    out = RandPairCropForVolumeFusiond(keys="image").set_random_state(0)({"image": volume})
+    assert out["image"].shape == out["foreground"].shape == (1, 128, 128, 64)
+
+
 @pytest.mark.parametrize(
     "kwargs,words",
     [

@@ -135,6 +135,40 @@ def test_prob_zero_returns_background():
     np.testing.assert_array_equal(fused, bg)
 
 
+# --------------------------------------------------------------------------- MONAI-order defaults
+PATCH_XYZ = (128, 128, 64)  # the paper's 64 x 128 x 128 patch as MONAI loads it: (x, y, z), slice axis z last
+
+
+def _extents(label: torch.Tensor) -> np.ndarray:
+    """Per-axis extent of the non-zero voxels of a (1, X, Y, Z) label."""
+    where = np.nonzero(np.asarray(label)[0])
+    return np.array([w.max() - w.min() + 1 for w in where])
+
+
+def test_default_box_bounds_are_xyz():
+    """With their defaults, the array, dict and batched VF-v1 forms draw boxes of at most 80 x 80 along x, y and
+    at most 40 along the slice axis z of a (x, y, z) patch; x and y reach beyond 40."""
+    array = RandVolumeFusion().set_random_state(0)
+    sizes = []
+    for _ in range(20):
+        array.randomize(PATCH_XYZ)
+        sizes.append(array.box_sizes)
+    sizes = np.concatenate(sizes)
+    assert (sizes.min(0) >= 8).all() and tuple(sizes.max(0)) == (80, 80, 40)
+
+    bg, fg = _pair(0, (1, *PATCH_XYZ))
+    single = RandVolumeFusiond(num_boxes=1).set_random_state(1)  # one box: the label's extent is the box's
+    extents = np.array([_extents(single({"image": bg, "foreground": fg})["label"]) for _ in range(40)])
+    assert (extents <= (80, 80, 40)).all() and (extents[:, :2] > 40).any()
+    assert tuple(single.fusion.box_size_max) == (80, 80, 40)
+
+    images = torch.from_numpy(np.concatenate([bg, fg] * 4)[:, None])  # (8, 1, 128, 128, 64)
+    g = torch.Generator().manual_seed(2)
+    labels = torch.cat([volume_fusion_batch(images, num_boxes=1, generator=g)[1] for _ in range(4)])
+    extents = np.array([_extents(lab) for lab in labels])
+    assert (extents <= (80, 80, 40)).all() and (extents[:, :2] > 40).any()
+
+
 # --------------------------------------------------------------------------- VF-v2 geometry
 def test_v2_grid_params_over_seeds():
     shape = np.array(SHAPE[1:])
@@ -281,19 +315,35 @@ def test_batch_shapes_identity_determinism():
     assert not torch.equal(other[1], label)
 
 
-def test_batch_single_sample_and_errors():
+def test_batch_of_one_is_refused_and_errors():
     x = torch.rand(1, 1, 8, 8, 8)
-    fused, label = volume_fusion_batch(x, box_size_min=(2, 2, 2), box_size_max=(4, 4, 4))
-    assert torch.allclose(fused, x, atol=1e-6)  # N = 1 fuses a sample with itself
-    assert label.shape == (1, 1, 8, 8, 8)
+    with pytest.raises(ValueError, match=r"at least 2 volumes.*batch of 1 would fuse a volume with itself.*batch_size >= 2"):
+        volume_fusion_batch(x, box_size_min=(2, 2, 2), box_size_max=(4, 4, 4))
     with pytest.raises(ValueError, match=r"\(N, C, X, Y, Z\).*\(1, 8, 8, 8\)"):
         volume_fusion_batch(x[0])
     with pytest.raises(TypeError, match="torch.Tensor"):
         volume_fusion_batch(x.numpy())
+    pair = torch.rand(2, 1, 8, 8, 8)
     with pytest.raises(ValueError, match="num_levels"):
-        volume_fusion_batch(x, num_levels=0)
-    with pytest.raises(ValueError, match="non-finite"):
-        volume_fusion_batch(torch.full((2, 1, 4, 4, 4), float("nan")), box_size_min=(1, 1, 1), box_size_max=(2, 2, 2))
+        volume_fusion_batch(pair, num_levels=0)
+    with pytest.raises(ValueError, match=r"generator is on cpu but images are on meta.*torch.Generator\(device="):
+        volume_fusion_batch(pair.to("meta"), generator=torch.Generator())
+    nan = torch.full((2, 1, 4, 4, 4), float("nan"))
+    with pytest.raises(ValueError, match=r"non-finite.*\(2, 1, 4, 4, 4\)"):
+        volume_fusion_batch(nan, box_size_min=(1, 1, 1), box_size_max=(2, 2, 2))
+    fused, _ = volume_fusion_batch(nan, box_size_min=(1, 1, 1), box_size_max=(2, 2, 2), validate=False)
+    assert torch.isnan(fused).all()  # validate=False skips the check (the device default)
+
+
+def test_batch_on_meta_tensors_makes_no_host_sync():
+    """Meta tensors hold no data: any .item(), .tolist(), bool(tensor) or data-dependent shape raises. The whole
+    batched path (draws, painting, fusion) runs on them; validate=None skips the NaN check off the CPU."""
+    images = torch.empty(3, 2, 24, 20, 12, device="meta")
+    for num_boxes in ((10, 40), (0, 120)):  # 120 boxes: three painter words
+        fused, label = volume_fusion_batch(images, num_boxes=num_boxes, box_size_min=(2, 2, 2),
+                                           box_size_max=(12, 10, 6))
+        assert fused.device.type == "meta" and fused.shape == images.shape and fused.dtype == torch.float32
+        assert label.device.type == "meta" and label.shape == (3, 1, 24, 20, 12) and label.dtype == torch.int64
 
 
 def test_batch_box_count_statistics():

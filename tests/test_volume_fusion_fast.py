@@ -1,5 +1,6 @@
-"""Bit-level checks of the fast Volume Fusion paths (uint8 label maps, cast + divide instead of a lookup,
-in-place products, the per-sample batch loop, the repeat-based grid rendering)."""
+"""Bit-level checks of the Volume Fusion engine (misfm_transforms.engine): the fusion against the lookup-table
+formulation, the vectorised box painter against sequential painting, the grid painter against a broadcast
+formulation, and the batched form's contract."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from monai.data import MetaTensor
 
 from misfm_transforms import RandVolumeFusion, RandVolumeFusionGrid, fuse_volumes, volume_fusion_batch
 from misfm_transforms._checks import check_finite
+from misfm_transforms.engine import Boxes, paint_boxes
 
 
 def _bits(x) -> np.ndarray:
@@ -58,19 +60,49 @@ def test_transforms_bitwise(cls, kind):
         np.testing.assert_array_equal(_bits(fused), _bits(_reference(fg, bg, label, 4)))
 
 
-def test_grid_render_equals_broadcast_formulation():
+def test_grid_label_equals_broadcast_formulation():
     t = RandVolumeFusionGrid(block_size_min=(2, 3, 4), block_size_max=(9, 10, 11))
-    shape = (23, 31, 37)
+    shape = (1, 23, 31, 37)
+    bg, fg = np.zeros(shape, np.float32), np.ones(shape, np.float32)
     for seed in range(40):
-        t.set_random_state(seed).randomize(shape)
+        _, label = t.set_random_state(seed)(bg, fg)
         (g0, g1, g2), (b0, b1, b2), (o0, o1, o2) = t.block_labels.shape, t.block_size, t.offset
-        expected = np.zeros((1, *shape), np.uint8)
+        expected = np.zeros(shape, np.uint8)
         blocks = np.broadcast_to(t.block_labels[:, None, :, None, :, None], (g0, b0, g1, b1, g2, b2))
         expected[0, o0 : o0 + g0 * b0, o1 : o1 + g1 * b1, o2 : o2 + g2 * b2] = blocks.reshape(g0 * b0, g1 * b1, g2 * b2)
-        np.testing.assert_array_equal(t._render(shape), expected)
+        np.testing.assert_array_equal(label, expected)
 
 
-@pytest.mark.parametrize("n,c", [(1, 1), (2, 1), (3, 2), (4, 1)])
+def _sequential_painting(boxes: Boxes, shape) -> np.ndarray:
+    """pymic's painting: box after box, in order, each overwriting its clipped region with its level."""
+    n = boxes.counts.shape[0]
+    label = np.zeros((n, 1, *shape), np.uint8)
+    for i in range(n):
+        for m in range(int(boxes.counts[i])):
+            (x0, y0, z0), (x1, y1, z1) = boxes.starts[i, m].tolist(), boxes.stops[i, m].tolist()
+            label[i, 0, x0:x1, y0:y1, z0:z1] = int(boxes.levels[i, m])
+    return label
+
+
+@pytest.mark.parametrize("max_boxes", [1, 7, 53, 54, 130])  # 53 boxes per painter word: 1, 2 and 3 words
+def test_paint_boxes_equals_sequential_painting(max_boxes):
+    rng = np.random.RandomState(max_boxes)
+    shape = (13, 17, 11)
+    n = 3
+    sizes = rng.randint(1, 20, (n, max_boxes, 3))  # up to beyond the volume: clipped at every border
+    centers = rng.randint(0, shape, (n, max_boxes, 3))
+    first = centers - sizes // 2
+    starts, stops = np.maximum(first, 0), np.minimum(first + sizes, shape)
+    counts = np.array([max_boxes, rng.randint(0, max_boxes + 1), 0])
+    levels = rng.randint(1, 256, (n, max_boxes))
+    boxes = Boxes(*(torch.from_numpy(a) for a in (sizes, centers, starts, stops, levels, counts)))
+    painted = paint_boxes(boxes, shape)
+    assert painted.dtype == torch.uint8 and painted.shape == (n, 1, *shape)
+    np.testing.assert_array_equal(painted.numpy(), _sequential_painting(boxes, shape))
+    assert (painted[0] > 0).any() and not painted[2].any()
+
+
+@pytest.mark.parametrize("n,c", [(2, 1), (3, 2), (4, 1)])
 def test_batch_bitwise_and_contract(n, c):
     rng = np.random.RandomState(n * 10 + c)
     x = torch.from_numpy(_signed_volume(rng, (n, c, 10, 14, 18)))
