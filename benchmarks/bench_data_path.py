@@ -1,9 +1,10 @@
 """Pretraining data path: VF samples per second per worker, from NIfTI on disk through the bundle's own transforms.
 
 The transforms are taken from ``bundles/misfm_ct_pretraining/configs/train.json`` (parsed with MONAI's
-``ConfigParser``, as ``monai.bundle run`` does): the deterministic preprocessing (load, RAS, spacing, HU window,
-pad) and the random part of VF-v1 (two crops + ``RandVolumeFusiond``), VF-v2 (pair crop + grid fusion) or the
-"device" mode (one crop; fusion happens on the GPU in the trainer with ``volume_fusion_batch``).
+``ConfigParser``, as ``monai.bundle run`` does, with ``vf_v2.json`` or ``fuse_on_device.json`` layered on it for
+those modes): the deterministic preprocessing (load, RAS, spacing, HU window, pad) and the random part of VF-v1 (two
+crops + ``RandVolumeFusiond``), VF-v2 (pair crop + grid fusion) or the "device" mode (one crop; fusion happens on the
+GPU in the trainer with ``volume_fusion_batch``).
 One process, one thread = one DataLoader worker. Cases, each timed over ``--samples`` samples:
 
   disk, no cache     every sample reads and resamples its volume(s) (Dataset / CacheDataset cache_rate 0)
@@ -33,6 +34,7 @@ BUNDLE = REPO / "bundles" / "misfm_ct_pretraining"
 
 
 _FUSION_CLASSES = ("RandVolumeFusiond", "RandPairCropForVolumeFusiond", "RandVolumeFusionGridd")
+_VARIANT_FILES = {"v1": [], "v2": ["vf_v2.json"], "device": ["fuse_on_device.json"]}
 
 
 def bundle_parts(datalist: Path, roi: list[int], pixdim: list[float], mode: str, transforms=None):
@@ -46,15 +48,14 @@ def bundle_parts(datalist: Path, roi: list[int], pixdim: list[float], mode: str,
     for name in _FUSION_CLASSES:  # the config's _target_ names resolve to the bundle library's attributes
         setattr(lib, name, getattr(transforms or misfm_transforms, name))
     parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    parser.read_config([str(BUNDLE / "configs" / name) for name in ["train.json", *_VARIANT_FILES[mode]]])
     parser.update({
         "bundle_root": str(BUNDLE), "dataset_dir": str(datalist.parent), "data_list_file_path": str(datalist),
-        "roi_size": roi, "pixdim": pixdim, "fusion_version": "v2" if mode == "v2" else "v1",
-        "fuse_on_device": mode == "device", "cache_rate": 0.0, "num_workers": 0,
+        "roi_size": roi, "pixdim": pixdim, "cache_rate": 0.0, "num_workers": 0,
     })
     data = parser.get_parsed_content("train_datalist")
     deterministic = parser.get_parsed_content("train#volumes").transform
-    random_part = parser.get_parsed_content("train#random_transforms")
+    random_part = parser.get_parsed_content("train#dataset").transform
     return data, deterministic, random_part
 
 

@@ -215,10 +215,18 @@ def test_pretraining_variants_are_override_files_not_runtime_switches(monkeypatc
     assert kinds[("vf_v2.json",)][1:] == (kinds[("vf_v2.json",)][0], "Dataset", False)
     assert kinds[("fuse_on_device.json",)][1:] == (["RandSpatialCropd"], "Dataset", True)
     assert kinds[("fuse_on_device.json",)][0] == kinds[()][0]  # validation keeps the fixed CPU VF-v1 set
-    with pytest.raises(ValueError, match="do not combine"):
-        import misfm_bundle_glue as glue
+    import misfm_bundle_glue as glue
 
+    with pytest.raises(ValueError, match="do not combine"):
         glue.check_fusion_options("v2", True, 4)
+    for key, value, words in (("fusion_version", "v2", "add \\(or leave out\\) configs/vf_v2.json"),
+                              ("fuse_on_device", "true", "configs/fuse_on_device.json instead of setting the key")):
+        parser = ConfigParser()  # the variant asked for by a key alone: refused, not silently ignored
+        parser.read_config(str(root / "configs" / "train.json"))
+        parser.update({"bundle_root": str(root), **bu.TINY_NET, key: value})
+        with pytest.raises(RuntimeError) as err:
+            parser.get_parsed_content("check_fusion")
+        assert re.search(words, str(err.value.__cause__)), err.value.__cause__
 
 
 def test_pretraining_evaluate_fixed_set_is_reproducible(pretrained, tmp_path):

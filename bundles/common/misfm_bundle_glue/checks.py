@@ -224,9 +224,9 @@ def check_fusion_options(fusion_version: str, fuse_on_device: Any, batch_size: i
         raise ValueError(f"fusion_version is {fusion_version!r} but the pipeline is VF-{'v2' if built_v2 else 'v1'}: the "
                          "variants are config files; add (or leave out) configs/vf_v2.json instead of setting the key.")
     if training_transforms and fused_in_loader == on_device:
-        raise ValueError(f"fuse_on_device is {on_device} but the training pipeline fuses {'in the data loader' if "
-                         "fused_in_loader else 'nowhere'}: the variants are config files; add (or leave out) "
-                         "configs/fuse_on_device.json instead of setting the key.")
+        where = "in the data loader" if fused_in_loader else "nowhere"
+        raise ValueError(f"fuse_on_device is {on_device} but the training pipeline fuses {where}: the variants are "
+                         "config files; add (or leave out) configs/fuse_on_device.json instead of setting the key.")
     if on_device and int(batch_size) < 2:
         raise ValueError(
             "configs/fuse_on_device.json fuses each sample with the previous one in the batch: set batch_size >= 2 "
