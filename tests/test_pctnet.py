@@ -13,14 +13,14 @@ from misfm_nets import PCTNet
 from misfm_nets.pctnet import UPSTREAM_CONFIG_KEYS
 from misfm_nets.swin import relative_position_index, shift_mask
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden"  # outputs of the original PCT-Net (see its README)
 TINY = dict(feature_channels=(4, 8, 16, 32, 64), num_heads=(2, 4, 8))
 
 
 def load_golden(mode: int) -> dict:
     path = GOLDEN / f"pctnet_golden_mode{mode}.pt"
     if not path.exists():
-        pytest.fail(f"golden file {path} is missing: the repo expects ../shared/golden beside the checkout")
+        pytest.fail(f"golden file {path} is missing: tests/data/golden ships with the repo; restore it from git")
     return torch.load(path, weights_only=True)
 
 
