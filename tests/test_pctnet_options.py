@@ -96,9 +96,12 @@ def test_channels_last_gradients_match_contiguous():
     outs_b, grads_b = _train_step(cl, x, seed=3)
     for a, b in zip(outs_a, outs_b):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # float32 reduction order differs between layouts (and between CPUs: oneDNN picks kernels per ISA), so a
+    # parameter whose gradient is tiny is compared on the scale of the whole network's gradients
+    scale = max(float(g.abs().max()) for g in grads_a.values())
     for name in grads_a:
         a, b = grads_a[name], grads_b[name]
-        assert float((a - b).abs().max()) <= 1e-3 * float(a.abs().max()) + 1e-8, name
+        assert float((a - b).abs().max()) <= 1e-3 * float(a.abs().max()) + 1e-5 * scale, name
 
 
 @pytest.mark.parametrize("shape,window,shift", [((8, 8, 8), 6, 3), ((6, 12, 18), 6, 3), ((7, 5, 9), 4, 2),

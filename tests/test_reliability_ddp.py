@@ -172,7 +172,8 @@ def test_ddp_sigkill_mid_epoch_then_resume_matches_uninterrupted(data, tmp_path)
     log1 = _assert_rank1_quiet(logs, audit, root / "models")
     log0 = _rank_log(logs, 0)
     assert "[rank 0/2] resuming from iteration 3" in log0, log0[-3000:]
-    assert "[rank 1/2] resuming from iteration 3" in log1, log1[-3000:]
+    # rank 1 logs warnings only (its resume is proven below: the final state equals the uninterrupted run's)
+    assert "resuming from iteration" not in log1, log1[-3000:]
     assert "temporary file of an interrupted checkpoint write" in log0
     assert not [p for p in (root / "models").iterdir() if p.name.startswith(".tmp-")]
     assert "Epoch: 1/2" not in log0, "the resumed run trained epoch 1 again"
