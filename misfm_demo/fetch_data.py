@@ -80,9 +80,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_data_dir() -> Path:
-    """``$MISFM_DATA_DIR`` if set, else ``<repo>/data``."""
+    """Where the CT goes when no ``--data-dir`` is given: ``$MISFM_DATA_DIR`` if set; ``<checkout>/data`` when
+    running from a source checkout; else the user's data folder (``$XDG_DATA_HOME/misfm``, by default
+    ``~/.local/share/misfm``), never the installed package's folder (site-packages)."""
     env = os.environ.get("MISFM_DATA_DIR")
-    return Path(env) if env else REPO_ROOT / "data"
+    if env:
+        return Path(env)
+    if (REPO_ROOT / "setup.cfg").is_file() and (REPO_ROOT / "misfm_demo").is_dir():
+        return REPO_ROOT / "data"
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "misfm"
 
 
 class FetchError(RuntimeError):
@@ -463,7 +469,8 @@ def _stage_totalsegmentator(data_dir: Path, sdist_dir: Path | None, log: _Log) -
     lab = map_totalseg_to_btcv(resample_nearest(np.asarray(seg), seg_aff, ct.shape, ct_aff))
     _save_nifti(lab, ct_aff, data_dir / "labels/abdomen_example_ct_btcv.nii.gz")
     info["abdomen_example_ct"] = _organ_stats(lab, np.asarray(ct), BTCV_LABELS)
-    log(f"abdomen example_ct: {_describe(np.asarray(ct), ct_aff)}; BTCV voxels {_fmt_counts(info['abdomen_example_ct'])}")
+    log(f"abdomen example_ct: {_describe(np.asarray(ct), ct_aff)}; "
+        f"BTCV voxels {_fmt_counts(info['abdomen_example_ct'])}")
 
     # abdomen: DICOM series + example_seg_dicom (y flipped against the DICOM: matched in physical space)
     dseg, dseg_aff = _load_nifti(ref / "example_seg_dicom.nii.gz")
@@ -549,7 +556,7 @@ def _stage_pyradiomics(data_dir: Path, sdist_dir: Path | None, log: _Log) -> dic
     missing = [m for m in ("numpy", "setuptools") if not _importable(m)]
     if missing:
         raise FetchError(
-            f"pyradiomics' sdist needs a build environment: `pip install numpy setuptools wheel` first "
+            "pyradiomics' sdist needs a build environment: `pip install numpy setuptools wheel` first "
             "(it is downloaded with --no-build-isolation)"
         )
     archive = _obtain(
@@ -827,7 +834,8 @@ def fetch_all(
         if man is not None:
             skipped = {k: v["reason"] for k, v in man["stages"].items() if v.get("status") == "skipped"}
             log(f"up to date: {data_dir} ({len(man['files'])} files verified in {time.perf_counter() - t:.1f}s)"
-                + (f"; optional sources skipped earlier (use --force to retry): {skipped}" if skipped else ""))  # fmt: skip
+                + (f"; optional sources skipped earlier (use --force to retry): {skipped}"
+                   if skipped else ""))  # fmt: skip
             return result
 
     t_all = time.perf_counter()
@@ -871,7 +879,9 @@ def fetch_all(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m misfm_demo.fetch_data", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data-dir", type=Path, default=None, help="output folder (default $MISFM_DATA_DIR or <repo>/data)")
+    ap.add_argument("--data-dir", type=Path, default=None,
+                    help="output folder (default: $MISFM_DATA_DIR; else <checkout>/data in a source checkout; "
+                         "else $XDG_DATA_HOME/misfm, i.e. ~/.local/share/misfm)")
     ap.add_argument("--skip-optional", action="store_true", help="only the required TotalSegmentator source")
     ap.add_argument("--force", action="store_true", help="redo everything even if up to date")
     ap.add_argument("--sdist-dir", type=Path, default=None, help="folder with already-downloaded archives (offline)")

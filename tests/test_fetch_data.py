@@ -213,6 +213,22 @@ def test_resample_nearest_flip_and_crop():
     assert not full[mask].any()
 
 
+def test_default_data_dir_is_never_the_installed_package(tmp_path, monkeypatch):
+    """From a checkout the CT goes to <checkout>/data; from an installed wheel to the user's data folder, not into
+    site-packages; $MISFM_DATA_DIR wins over both."""
+    monkeypatch.delenv("MISFM_DATA_DIR", raising=False)
+    assert fd.default_data_dir() == fd.REPO_ROOT / "data"  # this test runs from a checkout
+    site = tmp_path / "site-packages"
+    (site / "misfm_demo").mkdir(parents=True)
+    monkeypatch.setattr(fd, "REPO_ROOT", site)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert fd.default_data_dir() == tmp_path / "xdg" / "misfm"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    assert fd.default_data_dir() == Path.home() / ".local" / "share" / "misfm"
+    monkeypatch.setenv("MISFM_DATA_DIR", str(tmp_path / "mine"))
+    assert fd.default_data_dir() == tmp_path / "mine"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # integration: the real fetch
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,6 +251,7 @@ def _load(path):
     return np.asarray(img), np.asarray(img.affine)
 
 
+@pytest.mark.slow
 def test_datalists_load_and_images_are_ct(fetched):
     from monai.data import load_decathlon_datalist
 
@@ -281,6 +298,7 @@ def _check_labels(datalist, max_id, data_dir):
     return out
 
 
+@pytest.mark.slow
 def test_abdomen_labels(fetched):
     data_dir, paths, _ = fetched
     cases = _check_labels(paths["abdomen"], 13, data_dir)
@@ -299,6 +317,7 @@ def test_abdomen_labels(fetched):
         assert v.size > 100_000 and ((v >= -50) & (v <= 250)).mean() > 0.95
 
 
+@pytest.mark.slow
 def test_thorax_labels(fetched):
     data_dir, paths, _ = fetched
     cases = _check_labels(paths["thorax"], 4, data_dir)
@@ -311,6 +330,7 @@ def test_thorax_labels(fetched):
     assert set(meta["labels"]) == {"0", "1", "2", "3", "4"}
 
 
+@pytest.mark.slow
 def test_optional_chest_ct(fetched):
     data_dir, paths, _ = fetched
     stage = _manifest(data_dir)["stages"].get("pyradiomics", {})
@@ -323,6 +343,7 @@ def test_optional_chest_ct(fetched):
 
 
 @pytest.mark.skipif(shutil.which("apt-get") is None, reason="apt-get missing: the Debian head CT cannot be fetched")
+@pytest.mark.slow
 def test_optional_head_ct(fetched):
     data_dir, paths, _ = fetched
     stage = _manifest(data_dir)["stages"].get("invesalius", {})
@@ -334,11 +355,13 @@ def test_optional_head_ct(fetched):
     assert "GPL-2" in (data_dir / "licenses/invesalius-examples_copyright").read_text()
 
 
+@pytest.mark.slow
 def test_licenses_kept(fetched):
     data_dir, _, _ = fetched
     assert "Apache License" in (data_dir / "licenses/totalsegmentator_LICENSE").read_text()
 
 
+@pytest.mark.slow
 def test_second_call_is_noop(fetched, capsys):
     data_dir, paths, _ = fetched
     man = _manifest(data_dir)
