@@ -40,9 +40,9 @@ _VARIANT_FILES = {"v1": [], "v2": ["vf_v2.json"], "device": ["fuse_on_device.jso
 def bundle_parts(datalist: Path, roi: list[int], pixdim: list[float], mode: str, transforms=None):
     """(train datalist, deterministic transform, random transform) of the pretraining bundle; with ``transforms``
     (a ``misfm_transforms`` package) the random part is built from that package's fusion classes."""
+    import misfm_ct_pretraining_lib as lib
     from monai.bundle import ConfigParser
 
-    import misfm_ct_pretraining_lib as lib
     import misfm_transforms
 
     for name in _FUSION_CLASSES:  # the config's _target_ names resolve to the bundle library's attributes

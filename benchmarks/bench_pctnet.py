@@ -292,7 +292,8 @@ def main() -> None:
         return result
 
     if args.check:
-        print(f"max |ours - baseline| over outputs and gradients of one step (eval mode): {sub('check')['max_diff']:.2e}")
+        print(f"max |ours - baseline| over outputs and gradients of one step (eval mode): "
+              f"{sub('check')['max_diff']:.2e}")
     results = {v: measure(v) for v in variants}
     base = results.get("baseline", next(iter(results.values())))
     print(f"{'variant':<44}{'step s':>9}{'min s':>8}{'peak MiB':>10}{'time ratio':>12}{'mem ratio':>11}")

@@ -59,7 +59,8 @@ def time_to_first_step(root: Path, entries: int) -> float:
     datalist = root / f"datalist_{entries}.json"
     datalist.write_text(json.dumps({"training": [{"image": n} for n in names],
                                     "validation": [{"image": n} for n in names[:2]]}))
-    args = {"meta_file": str(BUNDLE / "configs" / "metadata.json"), "config_file": str(BUNDLE / "configs" / "train.json"),
+    args = {"meta_file": str(BUNDLE / "configs" / "metadata.json"),
+            "config_file": str(BUNDLE / "configs" / "train.json"),
             "logging_file": str(BUNDLE / "configs" / "logging.conf"), "bundle_root": str(BUNDLE),
             "dataset_dir": str(data), "data_list_file_path": str(datalist), "ckpt_dir": str(root / f"models_{entries}"),
             "output_dir": str(root / f"eval_{entries}"), **TINY}

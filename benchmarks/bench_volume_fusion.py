@@ -37,10 +37,10 @@ from misfm_transforms import (  # noqa: E402
     RandPairCropForVolumeFusion,
     RandVolumeFusionGrid,
     adaptive_contrast,
+    engine,  # noqa: E402
     gamma_correction,
     resize_linear,
 )
-from misfm_transforms import engine  # noqa: E402
 from misfm_transforms.pair_crop import _percentiles  # noqa: E402
 
 

@@ -88,7 +88,8 @@ def run_bundle(
         cmd += [f"--{key}", _override(value)]
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log_file, "w", encoding="utf-8") as log, tqdm(desc=description, unit="it", leave=True, dynamic_ncols=True) as bar:
+    with open(log_file, "w", encoding="utf-8") as log, tqdm(desc=description, unit="it", leave=True,
+                                                             dynamic_ncols=True) as bar:
         log.write(" ".join(cmd) + "\n")
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8",
                                    errors="replace", env=env)

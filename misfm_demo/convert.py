@@ -72,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.source.is_file():
         parser.error(f"{args.source} does not exist")
     try:
-        summary, digest = convert(args.source, args.destination, args.bundle, args.mode, parse_overrides(args.overrides))
+        summary, digest = convert(args.source, args.destination, args.bundle, args.mode,
+                                  parse_overrides(args.overrides))
     except (ValueError, TypeError) as err:
         parser.error(str(err))
     print(summary)

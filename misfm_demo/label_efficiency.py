@@ -25,7 +25,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +98,8 @@ def plan_study(bundle: str, datalist: Path, dataset_dir: Path | None, pretrained
         try:
             load_pretrained(bundle_network(config), str(pretrained), mode="encoder")
         except (ValueError, TypeError) as err:
-            raise ValueError(f"--pretrained {str(pretrained)!r} does not fit the {bundle_dir.name} network: {err}") from err
+            raise ValueError(f"--pretrained {str(pretrained)!r} "
+                             f"does not fit the {bundle_dir.name} network: {err}") from err
     inits = INITS if pretrained is not None else ("scratch",)
     order = sorted(counts.items(), key=lambda kv: kv[1])
     return [Run(init, text, count, seed) for text, count in order for seed in range(seeds) for init in inits]
@@ -122,7 +122,8 @@ def _organ_dice(metrics_csv: Path) -> dict[str, float]:
 def _execute(run: Run, bundle_dir: Path, run_dir: Path, datalist: Path, dataset_dir: Path | None,
              pretrained: Path | None, overrides: Mapping[str, Any], launcher: Sequence[str] | None,
              progress: str) -> dict:
-    common = {"data_list_file_path": str(datalist.resolve()), "dataset_dir": str((dataset_dir or datalist.parent).resolve()),
+    common = {"data_list_file_path": str(datalist.resolve()),
+              "dataset_dir": str((dataset_dir or datalist.parent).resolve()),
               "ckpt_dir": str(run_dir / "models"), **overrides}
     multi = ["multi_gpu_train.json"] if launcher else []
     train = dict(common, output_dir=str(run_dir / "train"), label_budget=_budget_value(run.budget),
@@ -280,7 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dataset-dir", type=Path, default=None, help="folder the datalist's paths are relative to "
                         "(default: the datalist's own folder)")
     parser.add_argument("--pretrained", type=Path, default=None, help="PCT-Net checkpoint to fine-tune from (the "
-                        "pretraining bundle's models/model.pt, or misfm-convert's output); without it only scratch runs")
+                        "pretraining bundle's models/model.pt, or misfm-convert's output); "
+                        "without it only scratch runs")
     parser.add_argument("--budgets", nargs="+", default=["all"], help="numbers of labelled cases, fractions, 'all'")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per budget (different subsets and inits)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/label_efficiency"))

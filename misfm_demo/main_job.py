@@ -115,8 +115,16 @@ def _load_ras(path: str | Path):
 
 def save_vf_figure(pretraining_datalist: Path, path: Path, preset: Preset, seed: int = 0) -> Path:
     """Three VF-v1 samples from real volumes, preprocessed as the pretraining bundle does (HU window, RAS)."""
-    from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, Orientationd, RandSpatialCropd,
-                                  ScaleIntensityRanged, Spacingd, SpatialPadd)
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        LoadImaged,
+        Orientationd,
+        RandSpatialCropd,
+        ScaleIntensityRanged,
+        Spacingd,
+        SpatialPadd,
+    )
 
     from misfm_transforms import RandVolumeFusiond
 

@@ -2,14 +2,14 @@
 
 from .batch import volume_fusion_batch
 from .dictionary import (
-    RandPairCropForVolumeFusiond,
     RandPairCropForVolumeFusionD,
+    RandPairCropForVolumeFusiond,
     RandPairCropForVolumeFusionDict,
-    RandVolumeFusiond,
     RandVolumeFusionD,
+    RandVolumeFusiond,
     RandVolumeFusionDict,
-    RandVolumeFusionGridd,
     RandVolumeFusionGridD,
+    RandVolumeFusionGridd,
     RandVolumeFusionGridDict,
 )
 from .fusion import RandVolumeFusion, RandVolumeFusionGrid, fuse_volumes

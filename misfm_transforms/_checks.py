@@ -36,14 +36,17 @@ def check_range(name: str, value: Sequence[int] | int, minimum: int = 0) -> tupl
     return int(low), int(high)
 
 
-def check_sizes(name_min: str, size_min: Sequence[int], name_max: str, size_max: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def check_sizes(name_min: str, size_min: Sequence[int], name_max: str,
+                size_max: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Validate per-axis inclusive size bounds (3 values each, ``1 <= min <= max``)."""
     lo = np.asarray(size_min, dtype=np.int64).reshape(-1)
     hi = np.asarray(size_max, dtype=np.int64).reshape(-1)
     if lo.size != 3 or hi.size != 3:
-        raise ValueError(f"{name_min} and {name_max} need 3 values (one per spatial axis), got {lo.tolist()} and {hi.tolist()}.")
+        raise ValueError(f"{name_min} and {name_max} need 3 values (one per spatial axis), "
+                         f"got {lo.tolist()} and {hi.tolist()}.")
     if (lo < 1).any() or (hi < 1).any():
-        raise ValueError(f"{name_min}/{name_max}: sizes must be positive (negative sizes are invalid), got {lo.tolist()}, {hi.tolist()}.")
+        raise ValueError(f"{name_min}/{name_max}: sizes must be positive (negative sizes are invalid), "
+                         f"got {lo.tolist()}, {hi.tolist()}.")
     if (lo > hi).any():
         raise ValueError(f"{name_min} > {name_max} (min > max bounds): {lo.tolist()} > {hi.tolist()}.")
     return lo, hi

@@ -55,7 +55,8 @@ def volume_fusion_batch(
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}.")
     if images.ndim != 5:
-        raise ValueError(f"images must be a batch (N, C, X, Y, Z) with 3 spatial axes; got shape {tuple(images.shape)}.")
+        raise ValueError(f"images must be a batch (N, C, X, Y, Z) with 3 spatial axes; "
+                         f"got shape {tuple(images.shape)}.")
     n, _, *spatial = images.shape
     if n < 2:
         raise ValueError(

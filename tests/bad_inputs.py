@@ -22,11 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import bundle_utils as bu
 import nibabel as nib
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bundle_utils as bu  # noqa: E402
 
 N_CLASSES = 5  # thorax bundle
 
@@ -126,11 +124,13 @@ def _image_2d(root):
 
 
 def _image_4d(root):
-    return _save(root / "timeseries4d.nii.gz", np.random.RandomState(0).normal(-500, 300, (40, 40, 20, 3)).astype(np.int16))
+    return _save(root / "timeseries4d.nii.gz",
+                 np.random.RandomState(0).normal(-500, 300, (40, 40, 20, 3)).astype(np.int16))
 
 
 def _two_channel(root):
-    return _save(root / "twochannel.nii.gz", np.random.RandomState(0).normal(-500, 300, (40, 40, 20, 1, 2)).astype(np.float32))
+    return _save(root / "twochannel.nii.gz",
+                 np.random.RandomState(0).normal(-500, 300, (40, 40, 20, 1, 2)).astype(np.float32))
 
 
 def _with_value(value, name):
@@ -390,7 +390,8 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "truncated_nii_gz": _image_case("truncated_nii_gz", "both", "error", ("{file}", "cannot read"), _truncated),
     "corrupt_gzip": _image_case("corrupt_gzip", "both", "error", ("{file}", "cannot read"), _corrupt_gzip),
     "gzip_not_an_image": _image_case("gzip_not_an_image", "both", "error", ("{file}", "cannot read"), _not_an_image),
-    "text_with_nii_gz_ext": _image_case("text_with_nii_gz_ext", "both", "error", ("{file}", "cannot read"), _plain_text),
+    "text_with_nii_gz_ext": _image_case("text_with_nii_gz_ext", "both", "error", ("{file}", "cannot read"),
+                                        _plain_text),
     "image_2d": _image_case("image_2d", "both", "error", ("{file}", "not 3-D"), _image_2d),
     "image_4d": _image_case("image_4d", "both", "error", ("{file}", "4-D", "3 channels"), _image_4d),
     "image_two_channels": _image_case("image_two_channels", "both", "error", ("{file}", "2 channels"), _two_channel),
@@ -443,7 +444,8 @@ CASES: dict[str, Callable[[Path], Case]] = {
                                     words=("{file}", "2 duplicate 'training' entries removed")),
     # configs
     "roi_not_divisible": _config_case("roi_not_divisible", {"roi_size": [32, 32, 12]}, ("roi_size", "size_divisor")),
-    "negative_learning_rate": _config_case("negative_learning_rate", {"learning_rate": -0.001}, ("learning_rate", "> 0")),
+    "negative_learning_rate": _config_case("negative_learning_rate", {"learning_rate": -0.001},
+                                           ("learning_rate", "> 0")),
     "zero_batch_size": _config_case("zero_batch_size", {"batch_size": 0}, ("batch_size",)),
     "cache_rate_above_1": _config_case("cache_rate_above_1", {"cache_rate": 2.0}, ("cache_rate", "[0, 1]")),
     "negative_pixdim": _config_case("negative_pixdim", {"pixdim": [1.0, -1.0, 2.5]}, ("pixdim",)),

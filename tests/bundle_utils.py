@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,8 @@ def run_bundle(bundle_dir: Path, run_id: str, configs, overrides: dict, workdir:
     full_env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1",
                     PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     full_env.update(env or {})
-    return subprocess.run(cmd, cwd=str(workdir), env=full_env, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
+    return subprocess.run(cmd, cwd=str(workdir), env=full_env, capture_output=True, encoding="utf-8", errors="replace",
+                          timeout=timeout)
 
 
 def read_scalars(log_dir: Path, tag: str) -> list[float]:
@@ -119,3 +121,22 @@ def read_scalars(log_dir: Path, tag: str) -> list[float]:
         if tag in acc.Tags().get("scalars", []):
             values += [(e.step, e.value) for e in acc.Scalars(tag)]
     return [v for _, v in sorted(values)]
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for torchrun rendezvous and test servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    """The output of a command that must have succeeded (its tail in the failure message)."""
+    assert result.returncode == 0, f"command failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result.stdout + result.stderr
+
+
+def run_paths(root: Path, datalist: Path) -> dict:
+    """The bundle overrides that place a run's data, outputs and checkpoints."""
+    return {"data_list_file_path": str(datalist), "dataset_dir": str(datalist.parent / "data"),
+            "output_dir": str(root / "eval"), "ckpt_dir": str(root / "models")}

@@ -4,7 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from misfm_demo.fetch_data import fetch_all
+
+pytestmark = pytest.mark.slow  # runs real bundles / processes: minutes
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_data_path.py"
 

@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs real bundles / processes: minutes
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_startup.py"
 
 

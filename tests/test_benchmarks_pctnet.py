@@ -6,11 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs real bundles / processes: minutes
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _run(*args: str, timeout: int = 180) -> str:
-    done = subprocess.run([sys.executable, *args], capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
+    done = subprocess.run([sys.executable, *args], capture_output=True, encoding="utf-8", errors="replace",
+                          timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 

@@ -8,42 +8,28 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import bundle_utils as bu
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bundle_utils as bu  # noqa: E402
+import misfm_bundle_glue as glue
+from misfm_bundle_glue import resume
 
-import misfm_bundle_glue as glue  # noqa: E402
-from misfm_bundle_glue import resume  # noqa: E402
+pytestmark = pytest.mark.slow  # runs real bundles / processes: minutes
 
 THORAX = "misfm_thorax_ct_segmentation"
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _output(r: subprocess.CompletedProcess) -> str:
     return r.stdout + r.stderr
 
 
-def _ok(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode == 0, _output(r)[-5000:]
-    return _output(r)
-
-
-def _paths(root: Path, datalist: Path) -> dict:
-    return {"data_list_file_path": str(datalist), "dataset_dir": str(datalist.parent / "data"),
-            "output_dir": str(root / "eval"), "ckpt_dir": str(root / "models")}
 
 
 # ------------------------------------------------------------------------------------------------ flags
@@ -67,8 +53,8 @@ def thorax_run(tmp_path_factory):
     """One finished tiny thorax training run (checkpoint every iteration) and its datalist."""
     root = tmp_path_factory.mktemp("thorax")
     datalist = bu.make_dataset(root / "ds", bu.num_classes(THORAX), n_train=2, n_val=1, n_test=1)
-    ov = dict(bu.TINY_TRAIN, **_paths(root, datalist), max_epochs=1, checkpoint_interval=1)
-    _ok(bu.run_bundle(bu.BUNDLES_DIR / THORAX, "training", ["train.json"], ov, root / "w"))
+    ov = dict(bu.TINY_TRAIN, **bu.run_paths(root, datalist), max_epochs=1, checkpoint_interval=1)
+    bu.ok(bu.run_bundle(bu.BUNDLES_DIR / THORAX, "training", ["train.json"], ov, root / "w"))
     return root, datalist, ov
 
 
@@ -86,7 +72,7 @@ def _rerun(thorax_run, tmp_path, extra_args=None, **changes) -> subprocess.Compl
 def test_resume_false_on_the_command_line_starts_over(thorax_run, tmp_path):
     # typed on the command line, `--resume false --amp false` reach the config as the strings 'false'
     r = _rerun(thorax_run, tmp_path, extra_args=["--resume", "false", "--amp", "false", "--max_epochs", "2"])
-    out = _ok(r)
+    out = bu.ok(r)
     assert "resume=false: training from the start" in out and "resuming from iteration 1 (" not in out
     assert "Epoch: 1/2, Iter: 1/" in out  # epoch 1 trained again
 
@@ -115,7 +101,7 @@ def test_resume_refuses_another_bundles_checkpoint(thorax_run, tmp_path):
     shutil.copytree(root / "models", ckpt)
     n = bu.num_classes("misfm_abdomen_ct_segmentation")
     other = bu.make_dataset(tmp_path / "ds", n, n_train=2, n_val=1, n_test=0)
-    args = dict(ov, **dict(_paths(tmp_path, other), ckpt_dir=str(ckpt)), max_epochs=2)
+    args = dict(ov, **dict(bu.run_paths(tmp_path, other), ckpt_dir=str(ckpt)), max_epochs=2)
     r = bu.run_bundle(bu.BUNDLES_DIR / "misfm_abdomen_ct_segmentation", "training", ["train.json"], args,
                       tmp_path / "w")
     out = _output(r)
@@ -180,7 +166,7 @@ def test_inputs_of_the_same_name_get_outputs_of_their_own(thorax_run, tmp_path):
     keep = {k: ov[k] for k in ("feature_channels", "num_heads", "roi_size", "num_workers", "amp", "ckpt_dir")}
     args = dict(keep, data_list_file_path=str(listing), dataset_dir=str(tmp_path / "in"),
                 output_dir=str(tmp_path / "pred"))
-    _ok(bu.run_bundle(bu.BUNDLES_DIR / THORAX, "run", ["inference.json"], args, tmp_path / "w"))
+    bu.ok(bu.run_bundle(bu.BUNDLES_DIR / THORAX, "run", ["inference.json"], args, tmp_path / "w"))
     written = sorted(p.relative_to(tmp_path / "pred").as_posix() for p in (tmp_path / "pred").rglob("*.nii.gz"))
     assert written == ["p1/ct_seg.nii.gz", "p2/ct_seg.nii.gz"]
 
@@ -242,7 +228,7 @@ def _same_volume_datalist(root: Path, n: int, labels: bool) -> Path:
 def _probe(bundle: str, configs: list, overrides: dict, out: Path) -> list[dict]:
     """The README's multi-node launch (c10d rendezvous), as two one-process "nodes" on loopback."""
     out.mkdir(parents=True)
-    port = _free_port()
+    port = bu.free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("LOCAL_RANK", None)
     nodes = [subprocess.Popen([TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
@@ -260,7 +246,7 @@ def _probe(bundle: str, configs: list, overrides: dict, out: Path) -> list[dict]
 def pretraining_probe(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
     dl = _same_volume_datalist(root / "ds", 4, labels=False)
-    ov = dict(bu.TINY_PRETRAIN, **_paths(root, dl), batch_size=2)
+    ov = dict(bu.TINY_PRETRAIN, **bu.run_paths(root, dl), batch_size=2)
     configs = ["train.json", "multi_gpu_train.json"]
     return [_probe(bu.PRETRAINING, configs, ov, root / f"run{i}") for i in (0, 1)]
 
@@ -311,7 +297,7 @@ def test_setup_process_fast_by_default_exact_on_request(monkeypatch):
 
 def test_device_fusion_with_fewer_volumes_than_the_batch_trains_nothing_is_an_error(tmp_path):
     dl = bu.make_dataset(tmp_path / "ds", 5, n_train=3, n_val=1, n_test=0, labels=False)
-    ov = dict(bu.TINY_PRETRAIN, **_paths(tmp_path, dl), batch_size=4)
+    ov = dict(bu.TINY_PRETRAIN, **bu.run_paths(tmp_path, dl), batch_size=4)
     r = bu.run_bundle(bu.BUNDLES_DIR / bu.PRETRAINING, "training", ["train.json", "fuse_on_device.json"], ov,
                       tmp_path / "w")
     out = _output(r)
@@ -344,7 +330,7 @@ def test_mlflow_tracking_beside_tensorboard(thorax_run, tmp_path):
     mlflow = pytest.importorskip("mlflow", reason="the [mlflow] extra is not installed")
     root, datalist, ov = thorax_run
     args = dict(ov, ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "eval"))
-    _ok(bu.run_bundle(bu.BUNDLES_DIR / THORAX, "training", ["train.json"], args, tmp_path / "w",
+    bu.ok(bu.run_bundle(bu.BUNDLES_DIR / THORAX, "training", ["train.json"], args, tmp_path / "w",
                       extra_args=["--tracking", "mlflow", "--experiment_name", "misfm_thorax"]))
     store = tmp_path / "eval" / "mlruns.db"
     assert store.is_file()

@@ -11,8 +11,8 @@ import functools
 import http.server
 import json
 import math
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,29 +20,20 @@ import threading
 import zipfile
 from pathlib import Path
 
+import bundle_utils as bu
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bundle_utils as bu  # noqa: E402
+import build
 
-sys.path.insert(0, str(bu.BUNDLES_DIR))
-import build  # noqa: E402
+pytestmark = pytest.mark.slow  # runs real bundles / processes: minutes
 
 # the Model Zoo's bundle metadata schema, kept in the repo so that verify_metadata runs offline
 SCHEMA = Path(__file__).resolve().parent / "data" / "schema" / "meta_schema_20240725.json"
 
 
-def _ok(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, f"command failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result.stdout + result.stderr
-
-
-def _paths(root: Path, datalist: Path) -> dict:
-    return {"data_list_file_path": str(datalist), "dataset_dir": str(datalist.parent / "data"),
-            "output_dir": str(root / "eval"), "ckpt_dir": str(root / "models")}
 
 
 def _infer_overrides(train_overrides: dict) -> dict:
@@ -59,8 +50,8 @@ def pretrained(tmp_path_factory):
     """Tiny VF-v1 pretraining run (CPU fusion); returns (output root, stdout)."""
     root = tmp_path_factory.mktemp("pretraining")
     datalist = bu.make_dataset(root / "ds", 5, n_train=3, n_val=2, n_test=1, labels=False)
-    overrides = dict(bu.TINY_PRETRAIN, **_paths(root, datalist))
-    out = _ok(bu.run_bundle(bu.BUNDLES_DIR / bu.PRETRAINING, "run", ["train.json"], overrides, root / "work"))
+    overrides = dict(bu.TINY_PRETRAIN, **bu.run_paths(root, datalist))
+    out = bu.ok(bu.run_bundle(bu.BUNDLES_DIR / bu.PRETRAINING, "run", ["train.json"], overrides, root / "work"))
     return root, datalist, overrides, out
 
 
@@ -76,9 +67,9 @@ def abdomen(tmp_path_factory, pretrained):
     dl["training"].append({"image": "small.nii.gz", "label": "small_lab.nii.gz"})
     dl["testing"].append({"image": "small.nii.gz"})
     datalist.write_text(json.dumps(dl))
-    overrides = dict(bu.TINY_TRAIN, **_paths(root, datalist), max_epochs=4, val_interval=4, batch_size=3,
+    overrides = dict(bu.TINY_TRAIN, **bu.run_paths(root, datalist), max_epochs=4, val_interval=4, batch_size=3,
                      pretrained_checkpoint=str(pretrained[0] / "models" / "model.pt"))
-    out = _ok(bu.run_bundle(bu.BUNDLES_DIR / "misfm_abdomen_ct_segmentation", "run", ["train.json"], overrides,
+    out = bu.ok(bu.run_bundle(bu.BUNDLES_DIR / "misfm_abdomen_ct_segmentation", "run", ["train.json"], overrides,
                             root / "work"))
     return root, datalist, overrides, out
 
@@ -183,8 +174,8 @@ def test_pretraining_v1_cpu_fusion(pretrained):
 @pytest.mark.parametrize("variant", ["vf_v2.json", "fuse_on_device.json", "persistent_cache.json"])
 def test_pretraining_variants(pretrained, variant, tmp_path):
     _, datalist, overrides, _ = pretrained
-    ov = dict(overrides, **_paths(tmp_path, datalist), max_epochs=1, cache_dir=str(tmp_path / "cache"))
-    _ok(bu.run_bundle(bu.BUNDLES_DIR / bu.PRETRAINING, "training", ["train.json", variant], ov, tmp_path / "work"))
+    ov = dict(overrides, **bu.run_paths(tmp_path, datalist), max_epochs=1, cache_dir=str(tmp_path / "cache"))
+    bu.ok(bu.run_bundle(bu.BUNDLES_DIR / bu.PRETRAINING, "training", ["train.json", variant], ov, tmp_path / "work"))
     assert (tmp_path / "models" / "model.pt").is_file()
     assert all(math.isfinite(v) for v in bu.read_scalars(tmp_path / "eval", "train_loss"))
     cached = list((tmp_path / "cache").glob("*.pt"))
@@ -234,7 +225,8 @@ def test_pretraining_evaluate_fixed_set_is_reproducible(pretrained, tmp_path):
     scores = []
     for i in range(2):
         ov = dict(overrides, output_dir=str(tmp_path / f"eval{i}"))
-        _ok(bu.run_bundle(bu.BUNDLES_DIR / bu.PRETRAINING, "run", ["train.json", "evaluate.json"], ov, tmp_path / "w"))
+        bu.ok(bu.run_bundle(bu.BUNDLES_DIR / bu.PRETRAINING, "run", ["train.json", "evaluate.json"], ov,
+                            tmp_path / "w"))
         rows = list(csv.reader(open(tmp_path / f"eval{i}" / "per_class_metrics.csv")))
         assert rows[0][1].startswith("val_mean_dice_level0")
         scores.append(rows[-1])
@@ -243,7 +235,7 @@ def test_pretraining_evaluate_fixed_set_is_reproducible(pretrained, tmp_path):
 
 def test_pretraining_rejects_device_fusion_with_batch_1(pretrained, tmp_path):
     _, datalist, overrides, _ = pretrained
-    ov = dict(overrides, **_paths(tmp_path, datalist), batch_size=1)
+    ov = dict(overrides, **bu.run_paths(tmp_path, datalist), batch_size=1)
     r = bu.run_bundle(bu.BUNDLES_DIR / bu.PRETRAINING, "run", ["train.json", "fuse_on_device.json"], ov, tmp_path / "w")
     assert r.returncode != 0 and "batch_size >= 2" in r.stdout + r.stderr
     assert not (tmp_path / "models").exists() and not (tmp_path / "eval").exists()
@@ -265,7 +257,7 @@ def test_finetune_from_pretraining_logs_load_report_and_loss_falls(abdomen):
 def test_abdomen_evaluate_writes_per_organ_dice_hd95(abdomen, tmp_path):
     root, _, overrides, _ = abdomen
     ov = dict(overrides, output_dir=str(tmp_path / "eval"))
-    _ok(bu.run_bundle(bu.BUNDLES_DIR / "misfm_abdomen_ct_segmentation", "run", ["train.json", "evaluate.json"], ov,
+    bu.ok(bu.run_bundle(bu.BUNDLES_DIR / "misfm_abdomen_ct_segmentation", "run", ["train.json", "evaluate.json"], ov,
                       tmp_path / "w"))
     rows = list(csv.reader(open(tmp_path / "eval" / "per_class_metrics.csv")))
     assert "val_mean_dice_spleen" in rows[0] and "val_hd95_left_adrenal_gland" in rows[0]
@@ -279,7 +271,8 @@ def test_abdomen_evaluate_writes_per_organ_dice_hd95(abdomen, tmp_path):
 def test_abdomen_inference_nifti_with_input_affine(abdomen, tmp_path):
     root, datalist, overrides, _ = abdomen
     ov = dict(_infer_overrides(overrides), output_dir=str(tmp_path / "pred"))
-    _ok(bu.run_bundle(bu.BUNDLES_DIR / "misfm_abdomen_ct_segmentation", "run", ["inference.json"], ov, tmp_path / "w"))
+    bu.ok(bu.run_bundle(bu.BUNDLES_DIR / "misfm_abdomen_ct_segmentation", "run", ["inference.json"], ov,
+                        tmp_path / "w"))
     for item in json.loads(datalist.read_text())["testing"]:
         src = datalist.parent / "data" / item["image"]
         pred = tmp_path / "pred" / item["image"].replace(".nii.gz", "_seg.nii.gz")
@@ -294,15 +287,15 @@ def test_abdomen_inference_nifti_with_input_affine(abdomen, tmp_path):
 def test_other_segmentation_bundles_train_evaluate_infer(bundle, tmp_path):
     n = bu.num_classes(bundle)
     datalist = bu.make_dataset(tmp_path / "ds", n, n_train=2, n_val=1, n_test=1)
-    ov = dict(bu.TINY_TRAIN, **_paths(tmp_path, datalist), max_epochs=1)
-    out = _ok(bu.run_bundle(bu.BUNDLES_DIR / bundle, "run", ["train.json"], ov, tmp_path / "w"))
+    ov = dict(bu.TINY_TRAIN, **bu.run_paths(tmp_path, datalist), max_epochs=1)
+    out = bu.ok(bu.run_bundle(bu.BUNDLES_DIR / bundle, "run", ["train.json"], ov, tmp_path / "w"))
     assert "training from scratch" in out and (tmp_path / "models" / "model.pt").is_file()
-    _ok(bu.run_bundle(bu.BUNDLES_DIR / bundle, "run", ["train.json", "evaluate.json"], ov, tmp_path / "w"))
+    bu.ok(bu.run_bundle(bu.BUNDLES_DIR / bundle, "run", ["train.json", "evaluate.json"], ov, tmp_path / "w"))
     header = next(csv.reader(open(tmp_path / "eval" / "per_class_metrics.csv")))
     names = json.loads((bu.BUNDLES_DIR / bundle / "params.json").read_text())["config"]["label_names"]
     assert header[1:] == [f"val_mean_dice_{c}" for c in names[1:]] + [f"val_hd95_{c}" for c in names[1:]]
     iv = dict(_infer_overrides(ov), output_dir=str(tmp_path / "pred"))
-    _ok(bu.run_bundle(bu.BUNDLES_DIR / bundle, "run", ["inference.json"], iv, tmp_path / "w"))
+    bu.ok(bu.run_bundle(bu.BUNDLES_DIR / bundle, "run", ["inference.json"], iv, tmp_path / "w"))
     assert len(list((tmp_path / "pred").glob("*_seg.nii.gz"))) == 1
 
 
@@ -319,9 +312,9 @@ def test_multi_gpu_train_torchrun_gloo(abdomen, tmp_path):
     # "training" (the documented id) must reach multi_gpu_train.json's "run" through the merged config
     r = bu.run_bundle(bu.BUNDLES_DIR / "misfm_abdomen_ct_segmentation", "training",
                       ["train.json", "multi_gpu_train.json"], ov, tmp_path / "w",
-                      launcher=[torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m"],
+                      launcher=[torchrun, "--nproc_per_node", "2", "--master_port", str(bu.free_port()), "-m"],
                       env={"OMP_NUM_THREADS": "1"})
-    _ok(r)
+    bu.ok(r)
     assert (tmp_path / "models" / "model.pt").is_file()
     # only rank 0 logs: one process's progress lines, and TensorBoard files from one process (the pid in the name)
     assert r.stdout.count("Epoch: 1/1, Iter: 1/") == 1, r.stdout[-3000:]
@@ -348,7 +341,8 @@ def _bad_run(abdomen, tmp_path, mutate) -> str:
 
 
 def test_bad_input_missing_file(abdomen, tmp_path):
-    out = _bad_run(abdomen, tmp_path, lambda dl, _: dl["training"].append({"image": "nope.nii.gz", "label": "x.nii.gz"}))
+    out = _bad_run(abdomen, tmp_path,
+                   lambda dl, _: dl["training"].append({"image": "nope.nii.gz", "label": "x.nii.gz"}))
     assert "nope.nii.gz" in out and "does not exist" in out
 
 
@@ -380,14 +374,6 @@ def test_bad_input_empty_datalist(abdomen, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- distribution
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _venv_without_misfm(path: Path) -> Path:
@@ -435,7 +421,7 @@ def test_zip_distribution_runs_without_repo(abdomen, tmp_path):
         r = subprocess.run([str(python), "-m", "monai.bundle", "download", "--name", name, "--version", versions[name],
                             "--url", url, "--bundle_dir", str(work / "bundles")], cwd=work, env=env,
                            capture_output=True, encoding="utf-8", errors="replace", timeout=120)
-        _ok(r)
+        bu.ok(r)
     finally:
         server.shutdown()
         server.server_close()
@@ -451,7 +437,7 @@ def test_zip_distribution_runs_without_repo(abdomen, tmp_path):
     (work / "args.json").write_text(json.dumps(args))
     r = subprocess.run([str(python), "-m", "monai.bundle", "run", "--args_file", str(work / "args.json")], cwd=work,
                        env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
-    _ok(r)
+    bu.ok(r)
     assert len(list((work / "pred").rglob("*_seg.nii.gz"))) == 2
 
 
@@ -479,7 +465,8 @@ def test_hub_distribution_downloads_with_monai_and_runs_without_repo(abdomen, tm
         env["HF_ENDPOINT"] = endpoint
         download = [str(python), "-m", "monai.bundle", "download", "--name", name, "--source", "huggingface_hub",
                     "--repo", f"misfm/{name}"]
-        _ok(subprocess.run(download + ["--version", version, "--bundle_dir", str(work / "bundles")], cwd=work, env=env,
+        bu.ok(subprocess.run(download + ["--version", version, "--bundle_dir", str(work / "bundles")],
+                           cwd=work, env=env,
                            capture_output=True, encoding="utf-8", errors="replace", timeout=120))
         missing = subprocess.run(download + ["--version", "9.9.9", "--bundle_dir", str(work / "elsewhere")], cwd=work,
                                  env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=120)
@@ -498,5 +485,5 @@ def test_hub_distribution_downloads_with_monai_and_runs_without_repo(abdomen, tm
     (work / "args.json").write_text(json.dumps(args))
     r = subprocess.run([str(python), "-m", "monai.bundle", "run", "--args_file", str(work / "args.json")], cwd=work,
                        env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
-    _ok(r)
+    bu.ok(r)
     assert len(list((work / "pred").rglob("*_seg.nii.gz"))) == 2

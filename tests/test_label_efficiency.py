@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
-from pathlib import Path
 
+import bundle_utils as bu
 import matplotlib.image
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bundle_utils as bu  # noqa: E402
+from misfm_demo import label_efficiency as le
+from misfm_nets import PCTNet
 
-from misfm_demo import label_efficiency as le  # noqa: E402
-from misfm_nets import PCTNet  # noqa: E402
+pytestmark = pytest.mark.slow  # runs real bundles / processes: minutes
 
 THORAX = "misfm_thorax_ct_segmentation"
 TINY = dict(bu.TINY_TRAIN, max_epochs=1, val_interval=1)
@@ -56,7 +54,8 @@ def test_study_writes_csv_plot_and_summary(study):
     # each run trained on the budget's cases, from the right initialisation, recorded by the bundle itself
     one = json.loads((out / "runs" / "pretrained_n1_s0" / "result.json").read_text())
     assert len(one["training_cases"]) == 1 and one["pretrained_checkpoint_sha256"]
-    assert json.loads((out / "runs" / "scratch_n1_s0" / "result.json").read_text())["pretrained_checkpoint_sha256"] == ""
+    assert (json.loads((out / "runs" / "scratch_n1_s0" / "result.json").read_text())["pretrained_checkpoint_sha256"]
+            == "")
     # nested subsets: the 1-case budget's case is among the 3
     three = json.loads((out / "runs" / "pretrained_n3_s0" / "result.json").read_text())
     assert set(one["training_cases"]) <= set(three["training_cases"])

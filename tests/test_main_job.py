@@ -12,6 +12,8 @@ import pytest
 from misfm_demo.fetch_data import fetch_all
 from misfm_demo.main_job import _entries, organ_dice, run_main_job
 
+pytestmark = pytest.mark.slow  # runs real bundles / processes: minutes
+
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):

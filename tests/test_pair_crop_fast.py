@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from monai.transforms import Resize
 
 from misfm_transforms import RandPairCropForVolumeFusion, adaptive_contrast, gamma_correction, resize_linear
@@ -50,7 +49,8 @@ def test_percentiles_equal_numpy_bitwise(q_low, q_high):
 
 def test_contrast_degenerate_percentiles():
     """v0 == min (ties at the bottom): no lower piece, the middle starts at 0.1. v1 == v0 (a mostly constant
-    patch): the middle maps to 0.1 where pymic divides by zero, the upper piece keeps 0.9 + 0.1 (x - v1) / (max - v1)."""
+    patch): the middle maps to 0.1 where pymic divides by zero, the upper piece keeps
+    0.9 + 0.1 (x - v1) / (max - v1)."""
     ties = np.concatenate([np.zeros(500), np.linspace(0, 1, 500)]).astype(np.float32)
     out = adaptive_contrast(ties, 1.0, 99.0)
     assert out.min() == pytest.approx(0.1) and out.max() == pytest.approx(1.0)

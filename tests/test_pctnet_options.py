@@ -7,11 +7,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_pctnet import GOLDEN, TINY, assert_close_to_golden, golden_net, load_golden
 
 from misfm_nets import PCTNet
 from misfm_nets.swin import window_indices, window_partition, window_reverse
-
-from test_pctnet import GOLDEN, TINY, assert_close_to_golden, golden_net, load_golden
 
 
 def _train_step(net, x, seed):

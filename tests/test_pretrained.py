@@ -7,10 +7,9 @@ import logging
 import pytest
 import torch
 from monai.networks.nets import UNet
+from test_pctnet import assert_close_to_golden, golden_net, load_golden
 
 from misfm_nets import PCTNet, load_pretrained
-
-from test_pctnet import assert_close_to_golden, golden_net, load_golden
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import bundle_utils as bu
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bundle_utils as bu  # noqa: E402
+from misfm_bundle_glue import resume
 
-sys.path.insert(0, str(bu.BUNDLES_DIR / "common"))
-from misfm_bundle_glue import resume  # noqa: E402
+pytestmark = pytest.mark.slow  # runs real bundles / processes: minutes
 
 THORAX = "misfm_thorax_ct_segmentation"
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -72,7 +70,8 @@ def _popen(bundle: str, overrides: dict, workdir: Path, env: dict | None = None)
     full_env.update(ENV)
     full_env.update(env or {})
     return subprocess.Popen([bu.PYTHON, "-m", "monai.bundle", "run", "training", "--args_file", str(args_file)],
-                            cwd=str(workdir), env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace")
+                            cwd=str(workdir), env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            encoding="utf-8", errors="replace")
 
 
 def _run(bundle, overrides, workdir, env=None) -> str:
@@ -133,7 +132,8 @@ def _assert_same_state(a: dict, b: dict) -> None:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
     for pid, sa in a["optimizer"]["state"].items():
         for k, v in sa.items():
-            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["optimizer"]["state"][pid][k])), f"optimizer {pid}.{k}"
+            assert torch.equal(torch.as_tensor(v),
+                               torch.as_tensor(b["optimizer"]["state"][pid][k])), f"optimizer {pid}.{k}"
     assert a["lr_scheduler"] == b["lr_scheduler"]
     assert a["trainer"]["iteration"] == b["trainer"]["iteration"]
 

@@ -12,16 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
+import bad_inputs as bi
+import bundle_utils as bu
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bad_inputs as bi  # noqa: E402
-import bundle_utils as bu  # noqa: E402
+import misfm_bundle_glue as glue
 
-import misfm_bundle_glue as glue  # noqa: E402
+pytestmark = pytest.mark.slow  # runs real bundles / processes: minutes
 
 THORAX = "misfm_thorax_ct_segmentation"
 # the bundle's own steps before its first training step (the "run" list of train.json, minus the trainer)

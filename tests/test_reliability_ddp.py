@@ -16,17 +16,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import bundle_utils as bu
 import pytest
+import test_reliability as tr  # checkpoint / TensorBoard helpers
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bundle_utils as bu  # noqa: E402
-import test_reliability as tr  # noqa: E402  (checkpoint / TensorBoard helpers)
+pytestmark = pytest.mark.slow  # runs real bundles / processes: minutes
 
 THORAX = "misfm_thorax_ct_segmentation"
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -54,11 +53,6 @@ if _dir:
     os.open, os.replace = _audited_open, _audited_replace
 '''
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _datalist(root: Path, n_train: int = 4, same_case: bool = False) -> Path:
@@ -96,11 +90,13 @@ def _popen(overrides: dict, workdir: Path, nproc: int = 2, extra_env: dict | Non
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **{AUDIT_ENV: str(audit)},
-               PYTHONPATH=os.pathsep.join([str(hook), str(bu.REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+               PYTHONPATH=os.pathsep.join([str(hook), str(bu.REPO),
+                                           os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     env.update(extra_env or {})
-    cmd = [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), "--log-dir", str(logs),
+    cmd = [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(bu.free_port()), "--log-dir", str(logs),
            "--tee", "3", "-m", "monai.bundle", "run", "training", "--args_file", str(workdir / f"args_{n}.json")]
-    p = subprocess.Popen(cmd, cwd=str(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace",
+    p = subprocess.Popen(cmd, cwd=str(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         encoding="utf-8", errors="replace",
                          start_new_session=True)
     return p, logs, audit
 
@@ -225,7 +221,8 @@ def test_each_rank_gets_a_disjoint_shard(tmp_path, n_train):
 def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     """BatchNorm normalises with the statistics of the batch it sees: per-rank (2 x 1 sample) differs from 1 x 2
     samples unless the samples are the same, and PyTorch's SyncBatchNorm does not run on CPU/gloo. So: every training
-    case is the same volume, the crop is deterministic (centre), dropout/drop-path are off; then BN, the batch Dice and the cross-entropy see
+    case is the same volume, the crop is deterministic (centre), dropout/drop-path are off; then BN, the batch Dice and
+    the cross-entropy see
     the same data in both runs and the only differences are float32 summation orders (gloo all-reduce, BN over
     2x the voxels)."""
     dl = _datalist(tmp_path / "ds", n_train=4, same_case=True)
@@ -250,4 +247,5 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     diffs = torch.cat([(c2["network"][k].float() - c1["network"][k].float()).abs().flatten()
                        for k in c1["network"] if c1["network"][k].is_floating_point() and "running_" not in k])
     # (BN running_var is updated with the UNBIASED variance, n/(n-1) over 1 vs 2 volumes of voxels: not compared)
-    assert diffs.max().item() < 2 * 0.003 and diffs.mean().item() < 1e-4, (diffs.max(), diffs.mean())  # measured: mean 3.2e-5
+    # measured: mean 3.2e-5
+    assert diffs.max().item() < 2 * 0.003 and diffs.mean().item() < 1e-4, (diffs.max(), diffs.mean())

@@ -17,8 +17,8 @@ from misfm_transforms import (
     RandVolumeFusiond,
     RandVolumeFusionDict,
     RandVolumeFusionGrid,
-    RandVolumeFusionGridd,
     RandVolumeFusionGridD,
+    RandVolumeFusionGridd,
     fuse_volumes,
     volume_fusion_batch,
 )
@@ -217,7 +217,8 @@ def test_determinism(cls):
     np.testing.assert_array_equal(t(bg, fg, randomize=False)[1], first)  # replay of the last draw
 
 
-@pytest.mark.parametrize("dict_cls,array_cls", [(RandVolumeFusiond, RandVolumeFusion), (RandVolumeFusionGridd, RandVolumeFusionGrid)])
+@pytest.mark.parametrize("dict_cls,array_cls", [(RandVolumeFusiond, RandVolumeFusion),
+                                                (RandVolumeFusionGridd, RandVolumeFusionGrid)])
 def test_dict_forwards_seed_and_writes_keys(dict_cls, array_cls):
     bg, fg = _pair(8)
     affine = torch.diag(torch.tensor([1.5, 1.5, 2.0, 1.0]))
@@ -301,7 +302,8 @@ def test_fuse_volumes_errors():
 def test_batch_shapes_identity_determinism():
     x = torch.rand(3, 2, 12, 16, 20)
     g = torch.Generator().manual_seed(0)
-    fused, label = volume_fusion_batch(x, num_boxes=(3, 6), box_size_min=(2, 2, 2), box_size_max=(8, 10, 12), generator=g)
+    fused, label = volume_fusion_batch(x, num_boxes=(3, 6), box_size_min=(2, 2, 2), box_size_max=(8, 10, 12),
+                                       generator=g)
     assert fused.shape == x.shape and fused.dtype == torch.float32 and fused.device == x.device
     assert label.shape == (3, 1, 12, 16, 20) and label.dtype == torch.int64
     assert 0 <= int(label.min()) and int(label.max()) <= K and (label > 0).any()
@@ -317,7 +319,8 @@ def test_batch_shapes_identity_determinism():
 
 def test_batch_of_one_is_refused_and_errors():
     x = torch.rand(1, 1, 8, 8, 8)
-    with pytest.raises(ValueError, match=r"at least 2 volumes.*batch of 1 would fuse a volume with itself.*batch_size >= 2"):
+    with pytest.raises(ValueError,
+                       match=r"at least 2 volumes.*batch of 1 would fuse a volume with itself.*batch_size >= 2"):
         volume_fusion_batch(x, box_size_min=(2, 2, 2), box_size_max=(4, 4, 4))
     with pytest.raises(ValueError, match=r"\(N, C, X, Y, Z\).*\(1, 8, 8, 8\)"):
         volume_fusion_batch(x[0])

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs real bundles / processes: minutes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

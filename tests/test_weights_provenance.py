@@ -5,26 +5,20 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import bundle_utils as bu
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bundle_utils as bu  # noqa: E402
-
-sys.path.insert(0, str(bu.BUNDLES_DIR))
-import build  # noqa: E402
-
-from misfm_bundle_glue import weights  # noqa: E402
-from misfm_demo import convert  # noqa: E402
-from misfm_nets import PCTNet  # noqa: E402
+import build
+from misfm_bundle_glue import weights
+from misfm_demo import convert
+from misfm_nets import PCTNet
 
 TINY_SET = ["feature_channels=[4,8,16,32,64]", "num_heads=[2,4,8]", "roi_size=[32,32,16]"]
 TINY = {"feature_channels": [4, 8, 16, 32, 64], "num_heads": [2, 4, 8], "roi_size": [32, 32, 16]}
@@ -131,6 +125,7 @@ def _download_large_files(bundle: Path) -> subprocess.CompletedProcess:
                           capture_output=True, encoding="utf-8", errors="replace", timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["right", "wrong_hash", "interrupted"])
 def test_large_files_download_checks_the_hash(bundle_copy, tmp_path, case):
     payload = os.urandom(300_000)
@@ -156,7 +151,8 @@ def test_a_recorded_digest_is_checked_before_loading(bundle_copy, tmp_path):
     model.parent.mkdir()
     model.write_bytes(b"weights")
     (bundle_copy / "large_files.yml").write_text(build.render_large_files(bundle_copy.name, [
-        {"path": "models/model.pt", "url": "http://127.0.0.1:9/x", "hash_val": hashlib.sha256(b"weights").hexdigest()}]))
+        {"path": "models/model.pt", "url": "http://127.0.0.1:9/x",
+         "hash_val": hashlib.sha256(b"weights").hexdigest()}]))
     recorded = weights.recorded_sha256(str(model), str(bundle_copy))
     assert recorded == hashlib.sha256(b"weights").hexdigest()
     weights.verify_sha256(str(model), recorded, "model")  # the recorded file passes
@@ -179,6 +175,7 @@ def test_pretrained_checkpoint_sha256_is_checked_before_loading(tmp_path):
     assert loaded.sha256 == hashlib.sha256((tmp_path / "src.pt").read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_inference_refuses_a_model_that_is_not_the_recorded_one(tmp_path, bundle_copy):
     """The released bundle, run as downloaded: its large_files.yml records model.pt's digest; a different file
     in its place stops inference before it loads."""
@@ -189,7 +186,8 @@ def test_inference_refuses_a_model_that_is_not_the_recorded_one(tmp_path, bundle
                       axis_order="xyz").state_dict(), model)
     (bundle_copy / "large_files.yml").write_text(build.render_large_files(bundle_copy.name, [
         {"path": "models/model.pt", "url": "http://127.0.0.1:9/x", "hash_val": "cd" * 32}]))
-    args = dict(TINY, num_workers=0, amp=False, data_list_file_path=str(datalist), dataset_dir=str(datalist.parent / "data"),
+    args = dict(TINY, num_workers=0, amp=False, data_list_file_path=str(datalist),
+                dataset_dir=str(datalist.parent / "data"),
                 output_dir=str(tmp_path / "pred"))
     r = bu.run_bundle(bundle_copy, "run", ["inference.json"], args, tmp_path / "w")
     assert r.returncode != 0 and "is not the file that was recorded" in r.stdout + r.stderr

@@ -117,7 +117,8 @@ def check_datalist(datalist: Sequence[Mapping[str, Any]], name: str = "training"
             path = item[key]
             if isinstance(path, str) and os.path.isdir(path):
                 raise ValueError(
-                    f"{name} entry {idx}: {key} {path!r} is a folder, not an image file (a DICOM series?); convert each "
+                    f"{name} entry {idx}: {key} {path!r} is a folder, not an image file "
+                    "(a DICOM series?); convert each "
                     "series to one NIfTI file (e.g. dcm2niix) and list the files: a folder may hold several series "
                     "and the reader would silently pick one."
                 )
@@ -217,11 +218,13 @@ def check_fusion_options(fusion_version: str, fuse_on_device: Any, batch_size: i
                          f"{fusion_version!r}.")
     on_device = flag(fuse_on_device, "fuse_on_device")
     if on_device and fusion_version != "v1":
-        raise ValueError("configs/fuse_on_device.json implements VF-v1 only; do not combine it with configs/vf_v2.json.")
+        raise ValueError("configs/fuse_on_device.json implements VF-v1 only; "
+                         "do not combine it with configs/vf_v2.json.")
     built_v2 = any(isinstance(t, RandVolumeFusionGridd) for t in fusion_transforms)
     fused_in_loader = any(isinstance(t, (RandVolumeFusiond, RandVolumeFusionGridd)) for t in training_transforms)
     if fusion_transforms and built_v2 != (fusion_version == "v2"):
-        raise ValueError(f"fusion_version is {fusion_version!r} but the pipeline is VF-{'v2' if built_v2 else 'v1'}: the "
+        raise ValueError(f"fusion_version is {fusion_version!r} but the pipeline is "
+                         f"VF-{'v2' if built_v2 else 'v1'}: the "
                          "variants are config files; add (or leave out) configs/vf_v2.json instead of setting the key.")
     if training_transforms and fused_in_loader == on_device:
         where = "in the data loader" if fused_in_loader else "nowhere"

@@ -90,7 +90,6 @@ class PerClassMetricsWriter:
 
     def _write(self, engine: Any) -> None:
         import torch.distributed as dist
-
         from monai.utils import string_list_all_gather
 
         files = self._files

@@ -133,7 +133,8 @@ class LoadCheckedImaged(LoadImaged):
         if not np.allclose(a, b, atol=_AFFINE_ATOL, rtol=_AFFINE_RTOL):
             raise ValueError(
                 f"label {label_path!r} and image {image_path!r} have different affines (max difference "
-                f"{np.abs(a - b).max():.4g} mm; origin, spacing or direction differ), so they are not on the same voxel "
+                f"{np.abs(a - b).max():.4g} mm; origin, spacing or direction differ), "
+                "so they are not on the same voxel "
                 "grid; resample the label onto the image or fix its header."
             )
 

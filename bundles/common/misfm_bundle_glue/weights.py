@@ -93,7 +93,8 @@ def verify_sha256(path: str, expected: str | None, what: str, digest: str | None
     digest = digest or file_sha256(path)
     if expected and digest != expected.strip().lower():
         raise ValueError(
-            f"{what} {path!r} is not the file that was recorded: SHA-256 {digest}, expected {expected.strip().lower()}. "
+            f"{what} {path!r} is not the file that was recorded: SHA-256 {digest}, "
+            f"expected {expected.strip().lower()}. "
             "It is corrupt, truncated or another file: download it again (python -m monai.bundle download_large_files "
             "--bundle_path <bundle>) or fix the recorded digest."
         )
