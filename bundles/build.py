@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import sys
@@ -114,6 +113,18 @@ def render_config(bundle: str, filename: str) -> str:
     return _dump(out)
 
 
+# The versions CI runs the bundles with (MONAI 1.5.0 for the quick tests too): the Model Zoo's metadata pins
+# what was tested. Update them with the Makefile's pins.
+TESTED_VERSIONS = {
+    "monai_version": "1.6.1",
+    "pytorch_version": "2.13.0",
+    "numpy_version": "2.4.6",
+    "required_packages_version": {"nibabel": "5.4.2", "pytorch-ignite": "0.5.5", "tensorboard": "2.21.0",
+                                  "fire": "0.7.1", "scipy": "1.17.1", "einops": "0.8.2"},
+    "optional_packages_version": {"itk": "5.4.7", "pyyaml": "6.0.4", "mlflow-skinny": "3.18.0"},
+}
+
+
 def render_metadata(bundle: str) -> str:
     params = load_params(bundle)
     cfg, meta = params["config"], params["metadata"]
@@ -125,10 +136,7 @@ def render_metadata(bundle: str) -> str:
         "schema": SCHEMA_URL,
         "version": params["version"],
         "changelog": params["changelog"],
-        "monai_version": "1.6.1",
-        "pytorch_version": "2.13.0",
-        "numpy_version": "2.4.6",
-        "required_packages_version": {"nibabel": "5.4.2", "pytorch-ignite": "0.5.5", "tensorboard": "2.21.0"},
+        **TESTED_VERSIONS,
         "supported_apps": {},
         "name": bundle,
         "task": meta["task"],
