@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import math
 import sys
@@ -152,6 +153,8 @@ def run_study(bundle: str, datalist: Path, pretrained: Path | None, budgets: Seq
               output_dir: Path, dataset_dir: Path | None = None, overrides: Mapping[str, Any] | None = None,
               nproc: int = 1) -> dict[str, Path]:
     """Plan, run (or continue) every run, then write the CSV, the plot and the summary; returns their paths."""
+    if importlib.util.find_spec("matplotlib") is None:  # the plot is drawn last: say so before hours of training
+        raise ValueError("the study draws its plot with matplotlib, which is not installed: pip install 'misfm[demo]'")
     overrides = dict(overrides or {})
     runs = plan_study(bundle, datalist, dataset_dir, pretrained, budgets, seeds, overrides)
     bundle_dir = bundle_folder(bundle)

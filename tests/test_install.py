@@ -53,6 +53,13 @@ def test_wheel_installs_only_what_the_bundles_need(installed):
     assert out[1] == "[]"  # demo, benchmark and test packages stay in their extras
     for script in ("misfm-fetch-data", "misfm-convert"):
         assert "usage:" in _run([root / "venv" / "bin" / script, "--help"], cwd=work, env=_env(), timeout=120).stdout
+    # the study needs the [demo] extra for its plot: said before any training, not after hours of it
+    datalist = bu.make_dataset(work / "study", 5, n_train=1, n_val=1, n_test=0, shape=(8, 8, 4))
+    study = subprocess.run([python, "-m", "misfm_demo.label_efficiency", "--bundle", "thorax", "--datalist", datalist,
+                            "--output-dir", work / "study_out"], cwd=work, env=_env(), capture_output=True,
+                           encoding="utf-8", errors="replace", timeout=300)
+    assert study.returncode != 0 and "pip install 'misfm[demo]'" in study.stderr, study.stderr[-3000:]
+    assert not (work / "study_out" / "runs").exists()
 
 
 def test_installed_wheel_trains_and_infers_a_bundle_outside_the_repo(installed):
