@@ -391,6 +391,22 @@ def _venv_without_misfm(path: Path) -> Path:
     return python
 
 
+def _infer_with_downloaded_bundle(python: Path, env: dict, work: Path, bundle_dir: Path, trained) -> None:
+    """Inference of a downloaded bundle with the trained abdomen model, outside the repository: one output per
+    testing case."""
+    (bundle_dir / "models").mkdir()
+    shutil.copy(trained[0] / "models" / "model.pt", bundle_dir / "models" / "model.pt")
+    args = dict(_infer_overrides(trained[2]), ckpt_dir=str(bundle_dir / "models"), output_dir=str(work / "pred"),
+                bundle_root=str(bundle_dir), config_file=str(bundle_dir / "configs" / "inference.json"),
+                meta_file=str(bundle_dir / "configs" / "metadata.json"),
+                logging_file=str(bundle_dir / "configs" / "logging.conf"))
+    (work / "args.json").write_text(json.dumps(args))
+    r = subprocess.run([str(python), "-m", "monai.bundle", "run", "--args_file", str(work / "args.json")], cwd=work,
+                       env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+    bu.ok(r)
+    assert len(list((work / "pred").rglob("*_seg.nii.gz"))) == 2
+
+
 def test_zip_distribution_runs_without_repo(abdomen, tmp_path):
     dist = tmp_path / "dist"
     zips = build.build(dist)
@@ -427,18 +443,7 @@ def test_zip_distribution_runs_without_repo(abdomen, tmp_path):
         server.server_close()
     bundle_dir = work / "bundles" / name
     assert (bundle_dir / f"{name}_lib" / "__init__.py").is_file()
-    (bundle_dir / "models").mkdir()
-    shutil.copy(abdomen[0] / "models" / "model.pt", bundle_dir / "models" / "model.pt")
-    root, datalist, overrides, _ = abdomen
-    args = dict(_infer_overrides(overrides), ckpt_dir=str(bundle_dir / "models"), output_dir=str(work / "pred"),
-                bundle_root=str(bundle_dir), config_file=str(bundle_dir / "configs" / "inference.json"),
-                meta_file=str(bundle_dir / "configs" / "metadata.json"),
-                logging_file=str(bundle_dir / "configs" / "logging.conf"))
-    (work / "args.json").write_text(json.dumps(args))
-    r = subprocess.run([str(python), "-m", "monai.bundle", "run", "--args_file", str(work / "args.json")], cwd=work,
-                       env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
-    bu.ok(r)
-    assert len(list((work / "pred").rglob("*_seg.nii.gz"))) == 2
+    _infer_with_downloaded_bundle(python, env, work, bundle_dir, abdomen)
 
 
 def test_hub_distribution_downloads_with_monai_and_runs_without_repo(abdomen, tmp_path):
@@ -475,15 +480,4 @@ def test_hub_distribution_downloads_with_monai_and_runs_without_repo(abdomen, tm
     bundle_dir = work / "bundles" / name
     for rel in ("configs/train.json", "configs/metadata.json", "LICENSE", f"{name}_lib/misfm_nets/pctnet.py"):
         assert (bundle_dir / rel).read_bytes() == (repo / rel).read_bytes(), rel
-    (bundle_dir / "models").mkdir()
-    shutil.copy(abdomen[0] / "models" / "model.pt", bundle_dir / "models" / "model.pt")
-    _, _, overrides, _ = abdomen
-    args = dict(_infer_overrides(overrides), ckpt_dir=str(bundle_dir / "models"), output_dir=str(work / "pred"),
-                bundle_root=str(bundle_dir), config_file=str(bundle_dir / "configs" / "inference.json"),
-                meta_file=str(bundle_dir / "configs" / "metadata.json"),
-                logging_file=str(bundle_dir / "configs" / "logging.conf"))
-    (work / "args.json").write_text(json.dumps(args))
-    r = subprocess.run([str(python), "-m", "monai.bundle", "run", "--args_file", str(work / "args.json")], cwd=work,
-                       env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
-    bu.ok(r)
-    assert len(list((work / "pred").rglob("*_seg.nii.gz"))) == 2
+    _infer_with_downloaded_bundle(python, env, work, bundle_dir, abdomen)
