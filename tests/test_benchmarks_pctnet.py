@@ -34,9 +34,3 @@ def test_bench_inference_quick():
     assert "argmax agree %" in out
     for case in ("default", "buffered", "bf16", "fp16out"):
         assert any(line.startswith(case) for line in out.splitlines()), out
-
-
-def test_gpu_check_runs_on_cpu():
-    out = _run(str(BENCH / "gpu_check.py"), "--quick")
-    assert "PCT-Net train step fp32" in out and "PCT-Net train step bf16" in out
-    assert "Volume Fusion" in out and "Inference" in out
