@@ -403,7 +403,7 @@ class PCTNet(nn.Module):
         if x.dim() != 5:
             raise ValueError(f"PCTNet expects a 5-D (N, C, *spatial) tensor, got shape {tuple(x.shape)}.")
         for size, div in zip(x.shape[2:], self.size_divisor):
-            if size % div:
+            if not torch.jit.is_tracing() and size % div:  # a trace is made for (and fixed to) one shape
                 raise ValueError(
                     f"PCTNet input spatial shape {tuple(x.shape[2:])} must be divisible by {self.size_divisor}; "
                     "pad it (e.g. monai.transforms.DivisiblePad) or use sliding-window inference."

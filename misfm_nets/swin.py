@@ -162,7 +162,7 @@ class WindowAttention(FastCPUModule):
     def forward(self, windows: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, nw, n, c = windows.shape
         h = self.num_heads
-        qkv = self.qkv(windows).view(b, nw, n, 3, h, c // h).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, d)
+        qkv = self.qkv(windows).reshape(b, nw, n, 3, h, c // h).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, d)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         bias = bias.view(n, n, h).permute(2, 0, 1)  # (h, N, N)
         dropout = self.attn_drop if self.training else 0.0
@@ -192,7 +192,7 @@ class WindowAttention(FastCPUModule):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask.to(q.dtype), dropout_p=dropout, scale=self.scale
             )
-        out = out.view(b, nw, h, n, c // h).transpose(2, 3).reshape(b, nw, n, c)
+        out = out.reshape(b, nw, h, n, c // h).transpose(2, 3).reshape(b, nw, n, c)
         out = self.proj(out)
         return fast_cpu.forward(self.proj_drop, out) if fast else self.proj_drop(out)
 
@@ -209,7 +209,10 @@ class Mlp(FastCPUModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast(x):
-            return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+            # on rows (N, C): the backward of a dropout on a permuted gradient keeps its strides, which AOTAutograd
+            # (torch.compile) mispredicts for the 5-D linear's views
+            rows = x.reshape(-1, x.shape[-1])
+            return self.drop(self.fc2(self.drop(self.act(self.fc1(rows))))).reshape(x.shape)
         return fast_cpu.forward(self.drop, fast_cpu.transformer_mlp(self.fc1, self.act, self.drop, self.fc2, x))
 
 
@@ -280,8 +283,8 @@ class SwinBlock(nn.Module):
         y = self.norm1(x).reshape(b * s * h * w, c)
         if gather.numel() != b * s * h * w:  # padded: one zero row, the source of every padded token
             y = F.pad(y, (0, 0, 0, 1))
-        y = y.index_select(0, gather).view(b, -1, self.window_size**3, c)
-        y = self.attn(y, mask).reshape(-1, c).index_select(0, scatter).view(b, s, h, w, c)
+        y = y.index_select(0, gather).reshape(b, -1, self.window_size**3, c)
+        y = self.attn(y, mask).reshape(-1, c).index_select(0, scatter).reshape(b, s, h, w, c)
         x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
