@@ -142,7 +142,7 @@ def _keep_mask(like: torch.Tensor, p: float) -> Tuple[torch.Tensor, float]:
 def _masked_scale(x: torch.Tensor, keep: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
     """``out = x * keep * scale`` elementwise (``out`` may be ``x``); returns ``out``.
 
-    ``masked_fill_`` with a bool mask is a scalar loop (~3x slower than a multiply), and ``x * keep`` casts the
+    ``masked_fill_`` with a bool mask is a scalar loop (slower than a multiply), and ``x * keep`` casts the
     whole mask to a float temporary first (a fresh allocation that costs more in page faults than the multiply).
     Tensors of one layout are therefore walked in chunks whose float temporaries the allocator reuses.
     """
@@ -205,7 +205,7 @@ class _WindowAttention(torch.autograd.Function):
     probabilities, or with ``recompute`` only q, k, v and the mask: the probabilities are recomputed (one product
     and one softmax), nothing else.
 
-    At the paper's sizes the ``(B, nW, h, N, N)`` tensors are ~160 MB: each fresh one costs more in page faults
+    At the paper's sizes the ``(B, nW, h, N, N)`` tensors are large: each fresh one costs more in page faults
     (glibc maps allocations over 32 MiB anew) than the pass that fills it, so they are updated in place wherever
     they are not kept: forward allocates one (two without ``recompute``), backward two.
     """
