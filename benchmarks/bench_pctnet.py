@@ -41,6 +41,7 @@ PRESETS = {
 VARIANTS = {
     "baseline": (True, {}, False),
     "misfm": (False, {}, False),
+    "misfm-fast": (False, {"fast_cpu_kernels": False}, False),
     "misfm+cl": (False, {"channels_last": True}, False),
     "misfm+ckattn": (False, {"checkpointing": "attention"}, False),
     "misfm+ckpt": (False, {"checkpointing": True}, False),
@@ -52,6 +53,7 @@ VARIANTS = {
 DESCRIPTIONS = {
     "baseline": "original algorithm (explicit attn, copies)",
     "misfm": "misfm (SDPA/explicit attn, gather windows)",
+    "misfm-fast": "misfm, fast_cpu_kernels=False",
     "misfm+cl": "misfm, channels_last_3d",
     "misfm+ckattn": "misfm, checkpointing='attention'",
     "misfm+ckpt": "misfm, checkpointing",
@@ -86,7 +88,7 @@ def straightforward_swin_block(self, x, resolution):
     import torch
     import torch.nn.functional as F
 
-    from misfm_nets.swin import window_partition, window_reverse
+    from misfm_nets.swin import shift_mask, window_partition, window_reverse
 
     b, _, c = x.shape
     s, h, w = resolution
@@ -99,7 +101,7 @@ def straightforward_swin_block(self, x, resolution):
     mask = None
     if shift > 0:
         y = torch.roll(y, shifts=(-shift, -shift, -shift), dims=(1, 2, 3))
-        mask = self._shift_mask(tuple(padded), y.device)
+        mask = shift_mask(tuple(padded), ws, shift, y)
     windows = window_partition(y, ws).contiguous().view(b, -1, ws**3, c)
     windows = naive_attention_forward(self.attn, windows, mask)
     y = window_reverse(windows, ws, *padded)
@@ -121,13 +123,11 @@ def straightforward_conv_trans(self, x):
 
 
 def install_straightforward() -> None:
-    """Make every PCTNet built afterwards in this process compute as the original code does, on stock PyTorch
-    layers (``nn.Conv3d``, ``nn.Dropout``: our fast CPU layers fall back to them)."""
-    from misfm_nets import fast_cpu
+    """Make every PCTNet built afterwards in this process compute its transformer as the original code does
+    (``build`` also turns the fast CPU kernels off, so every layer is the stock PyTorch module)."""
     from misfm_nets.pctnet import ConvTransBlock
 
     ConvTransBlock.forward = straightforward_conv_trans
-    fast_cpu.uses_fast_cpu_path = lambda x: False
 
 
 def _rss_bytes() -> int:
@@ -143,6 +143,7 @@ def build(preset: str, variant: str, device: str, deep_supervision: bool = True)
     straightforward, options, _ = VARIANTS[variant]
     if straightforward:
         install_straightforward()
+        options = {**options, "fast_cpu_kernels": False}
     cfg = PRESETS[preset]
     torch.manual_seed(0)
     return PCTNet(1, 5, cfg["size"], deep_supervision=deep_supervision, **cfg["kwargs"], **options).to(device)
@@ -196,7 +197,7 @@ def check_same_outputs(preset: str, device: str) -> float:
     for variant in ("misfm", "baseline"):
         net = build(preset, variant, device).eval()
         x = torch.randn(1, 1, *PRESETS[preset]["size"], generator=torch.Generator().manual_seed(1)).to(device)
-        outs = net(x)
+        outs = net.forward_all_heads(x)
         sum(o.square().mean() for o in outs).backward()
         results.append([o.detach() for o in outs] + [p.grad for p in net.parameters() if p.grad is not None])
     return max(float((a - b).abs().max()) for a, b in zip(*results))

@@ -1,8 +1,10 @@
 """Convolutional building blocks of PCT-Net.
 
 All blocks are "pre-activation" (BatchNorm -> PReLU -> Conv) with one shared PReLU parameter, as in the original
-MIS-FM code; :func:`~misfm_nets.fast_cpu.pre_activation_conv` computes each such triple (in CPU training it keeps
-only the block input for backward). Their ``nn.Sequential`` layouts fix the state-dict names
+MIS-FM code, and plain ``nn.Sequential`` s of stock layers. Where :func:`misfm_nets.fast_cpu.active` says so
+(float32 CPU training, see ``PCTNet(fast_cpu_kernels=...)``) each triple is computed by
+:func:`~misfm_nets.fast_cpu.pre_activation_conv` instead, which keeps only its input for backward. The
+``nn.Sequential`` layouts fix the state-dict names
 (``conv_conv.{0,1,2,3,4,6}``, ``conv.{0,1,2}``, ``up.{0,1,2}``), which must not change or the published checkpoint
 stops loading.
 
@@ -15,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fast_cpu import Conv3d, Dropout, PReLU, pre_activation_conv
+from . import fast_cpu
+from .fast_cpu import FastCPUModule
 
 __all__ = ["ConvBlock", "ConvLayer", "DownSample", "UpCatBlock"]
 
@@ -37,10 +40,10 @@ def _factor(dim: int) -> tuple[int, int, int]:
 
 
 def _pre_activation_conv(in_channels: int, out_channels: int, kernel, padding) -> list[nn.Module]:
-    return [nn.BatchNorm3d(in_channels), PReLU(), Conv3d(in_channels, out_channels, kernel, padding=padding)]
+    return [nn.BatchNorm3d(in_channels), nn.PReLU(), nn.Conv3d(in_channels, out_channels, kernel, padding=padding)]
 
 
-class ConvBlock(nn.Module):
+class ConvBlock(FastCPUModule):
     """Two pre-activation convolutions, no residual: ``(N, C_in, D, H, W) -> (N, C_out, D, H, W)``."""
 
     def __init__(self, in_channels: int, out_channels: int, dim: int = 3, dropout: float = 0.0) -> None:
@@ -49,17 +52,20 @@ class ConvBlock(nn.Module):
         self.conv_conv = nn.Sequential(
             *_pre_activation_conv(in_channels, out_channels, kernel, padding),
             nn.BatchNorm3d(out_channels),
-            PReLU(),
-            Dropout(dropout),
-            Conv3d(out_channels, out_channels, kernel, padding=padding),
+            nn.PReLU(),
+            nn.Dropout(dropout),
+            nn.Conv3d(out_channels, out_channels, kernel, padding=padding),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fast(x):
+            return self.conv_conv(x)
         norm1, act1, conv1, norm2, act2, drop, conv2 = self.conv_conv
-        return pre_activation_conv(norm2, act2, conv2, pre_activation_conv(norm1, act1, conv1, x), drop)
+        h = fast_cpu.pre_activation_conv(norm1, act1, conv1, x)
+        return fast_cpu.pre_activation_conv(norm2, act2, conv2, h, drop)
 
 
-class DownSample(nn.Module):
+class DownSample(FastCPUModule):
     """Max-pooling by 2 (3D or in-plane), then one pre-activation convolution."""
 
     def __init__(self, in_channels: int, out_channels: int, down_dim: int = 3, conv_dim: int = 3) -> None:
@@ -70,10 +76,11 @@ class DownSample(nn.Module):
         self.conv = nn.Sequential(*_pre_activation_conv(in_channels, out_channels, kernel, padding))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pre_activation_conv(*self.conv, self.down(x))
+        x = self.down(x)
+        return fast_cpu.pre_activation_conv(*self.conv, x) if self._fast(x) else self.conv(x)
 
 
-class UpCatBlock(nn.Module):
+class UpCatBlock(FastCPUModule):
     """Up-sample the coarse map, concatenate it after the skip map, fuse with one convolution.
 
     ``forward(x_low (N, C_low, D, H, W), x_high (N, C_high, D/f, H/f, W/f)) -> (N, C_low, D, H, W)``.
@@ -85,16 +92,19 @@ class UpCatBlock(nn.Module):
         kernel, padding = _kernel(conv_dim)
         self.up = nn.Sequential(
             nn.BatchNorm3d(high_channels),
-            PReLU(),
+            nn.PReLU(),
             nn.ConvTranspose3d(high_channels, low_channels, kernel_size=factor, stride=factor),
         )
         self.conv = nn.Sequential(*_pre_activation_conv(2 * low_channels, low_channels, kernel, padding))
 
     def forward(self, x_low: torch.Tensor, x_high: torch.Tensor) -> torch.Tensor:
-        return pre_activation_conv(*self.conv, torch.cat([x_low, pre_activation_conv(*self.up, x_high)], dim=1))
+        if not self._fast(x_high):
+            return self.conv(torch.cat([x_low, self.up(x_high)], dim=1))
+        x = torch.cat([x_low, fast_cpu.pre_activation_conv(*self.up, x_high)], dim=1)
+        return fast_cpu.pre_activation_conv(*self.conv, x)
 
 
-class ConvLayer(nn.Module):
+class ConvLayer(FastCPUModule):
     """Pre-activation ``1x1x1`` convolution, used as an output head."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
@@ -102,4 +112,4 @@ class ConvLayer(nn.Module):
         self.conv = nn.Sequential(*_pre_activation_conv(in_channels, out_channels, 1, 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pre_activation_conv(*self.conv, x)
+        return fast_cpu.pre_activation_conv(*self.conv, x) if self._fast(x) else self.conv(x)

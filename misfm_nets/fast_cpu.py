@@ -1,30 +1,32 @@
-"""Drop-in replacements that give PCT-Net's float32 CPU training PyTorch's fast kernels and compact masks.
+"""PCT-Net's fast CPU training kernels, used only where :func:`active` says so (``PCTNet(fast_cpu_kernels=...)``).
 
-Each computes the same function as the PyTorch layer it replaces and keeps its parameters and state-dict names;
-they differ only on the CPU in float32 outside autocast and tracing (elsewhere they call the stock code):
+Each function computes what the stock modules it is given compute, with their parameters (the state dict is
+untouched); the network calls them only in float32 CPU training outside autocast, ``torch.compile``, export and
+tracing, and calls the plain modules everywhere else. What they change, and why:
 
-- :class:`Conv3d`: PyTorch sends a float32 convolution of one sample with ``N*C*D*H <= 20480`` to its im2col
-  ``slow_conv3d`` kernel, 4-30x slower than oneDNN on PCT-Net's 3x3x3 shapes. The same convolution as two
-  groups over ``[x, x]`` is routed to oneDNN (PyTorch always uses oneDNN for ``groups > 1``). A pointwise
-  (1x1x1) convolution runs as one batched matrix product, ~5x faster than either convolution kernel.
-- :class:`Dropout` / :func:`dropout`: PyTorch's CPU dropout draws a float32 Bernoulli mask (slow) and keeps it
-  (4 bytes per element) for backward. Here the mask is 15-bit integers against a threshold, kept as bool
-  (1 byte per element); ``p`` is rounded to a multiple of ``2**-15`` and the kept values scaled by the exact
-  inverse keep probability, so the expectation is unchanged.
+- :func:`forward` of an ``nn.Conv3d``: PyTorch sends a float32 convolution of one sample with ``N*C*D*H <= 20480``
+  to its im2col ``slow_conv3d`` kernel, much slower than oneDNN on PCT-Net's 3x3x3 shapes; the same convolution
+  as two groups over ``[x, x]`` goes to oneDNN (PyTorch always uses it for ``groups > 1``). A pointwise (1x1x1)
+  convolution runs as one batched matrix product, faster than either convolution kernel.
+- :func:`dropout` (and :func:`forward` of an ``nn.Dropout``): PyTorch's CPU dropout draws a float32 Bernoulli
+  mask (slow) and keeps it (4 bytes per element) for backward. Here the mask is 15-bit integers against a
+  threshold, kept as bool (1 byte per element); ``p`` is rounded to a multiple of ``2**-15`` and the kept values
+  scaled by the exact inverse keep probability, so the expectation is unchanged.
 - :func:`window_attention`: ``dropout(softmax(q k^T * scale + bias + mask)) @ v`` keeping only the
   probabilities and the bool mask for backward (autograd would keep the probabilities, the float mask and the
   dropped matrix), or with ``recompute`` only the mask (one product and one softmax recomputed in backward).
 - :func:`pre_activation_conv`: PCT-Net's ``conv(dropout(prelu(batch_norm(x))))`` keeping only ``x`` for backward
   (autograd would keep ``x``, the normalised and the activated tensors); the two are recomputed in backward from
-  the saved batch statistics, which costs two elementwise passes and no convolution.
+  the saved batch statistics, which costs two elementwise passes and no convolution. One shared PReLU slope runs
+  as leaky ReLU (the same products on a faster kernel).
 - :func:`transformer_mlp`: the Swin blocks' ``fc2(dropout(gelu(fc1(x))))`` keeping ``x`` and the pre-activation
   for backward (autograd would also keep the dropped activation); backward recomputes one GELU.
-- :class:`PReLU`: one shared slope runs as leaky ReLU (the same products; its backward kernel is ~3x faster).
 
 Large temporaries are updated in place wherever nothing else holds them: glibc maps every allocation over
-32 MiB anew, and faulting in a fresh 160 MB tensor costs several times the pass that fills it.
+32 MiB anew, and faulting in a fresh large tensor costs more than the pass that fills it.
 
-Figures: ``benchmarks/README.md`` (``bench_pctnet.py``).
+The functions are ``once_differentiable`` (no double backward), which is why eval mode, where input-gradient
+penalties need ``create_graph``, stays on stock modules. Figures: ``benchmarks/README.md`` (``bench_pctnet.py``).
 """
 
 from __future__ import annotations
@@ -37,23 +39,58 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = [
-    "Conv3d", "Dropout", "PReLU", "dropout", "pre_activation_conv", "transformer_mlp", "uses_fast_cpu_path",
-    "window_attention",
-]
+__all__ = ["FastCPUModule", "TESTED_TORCH_VERSIONS", "active", "dropout", "forward", "pre_activation_conv", "transformer_mlp", "window_attention"]
 
+# The torch versions (major, minor) whose kernels and dispatch these functions were tested against: the
+# convolution routing below copies a PyTorch heuristic, so ``fast_cpu_kernels=None`` (auto) uses them only there.
+TESTED_TORCH_VERSIONS = ((2, 13),)
 _MASK_LEVELS = 2**15  # dropout draws are 15-bit integers, uniform on [0, 2**15)
 _SLOW_CONV3D_MAX = 20480  # PyTorch's N*C*D*H bound under which a batch-1 float32 conv takes slow_conv3d
 _CHUNK = 1 << 18  # elements per step of the chunked elementwise passes (1 MiB float32 temporaries)
 _MIN_IN_PLACE_SLOPE = 2.0**-20  # PReLU slopes from which backward reads the input's negative part off the result
 
 
-def uses_fast_cpu_path(x: torch.Tensor) -> bool:
-    """True where these layers replace the stock kernels: float32 CPU tensor, no CPU autocast, not tracing."""
-    return (
-        x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-        and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-    )
+def _torch_version() -> Tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def active(setting: Optional[bool], x: torch.Tensor, training: bool) -> bool:
+    """The one switch: whether a module in ``training`` mode computes ``x`` on these kernels.
+
+    ``setting`` is the network's ``fast_cpu_kernels``: ``False`` never; ``True`` wherever they apply; ``None``
+    (auto) wherever they apply on a torch version of :data:`TESTED_TORCH_VERSIONS`. They apply to a float32 CPU
+    tensor in training mode outside CPU autocast, and never while ``torch.compile``/``torch.export`` or
+    ``torch.jit`` trace or script (those get the plain modules, which they understand).
+    """
+    if setting is False or not training:
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return False
+    return setting is True or _torch_version() in TESTED_TORCH_VERSIONS
+
+
+class FastCPUModule(nn.Module):
+    """A module whose forward takes these kernels where :func:`active` says so: ``fast_cpu_kernels`` is its
+    switch (``None`` auto, ``True``, ``False``), set for a whole network by ``PCTNet.fast_cpu_kernels``."""
+
+    fast_cpu_kernels: Optional[bool] = None
+
+    def _fast(self, x: torch.Tensor) -> bool:
+        return active(self.fast_cpu_kernels, x, self.training)
+
+
+def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, on the fast kernels for a plain ``nn.Conv3d`` or ``nn.Dropout`` without hooks (the caller
+    has checked :func:`active`); other modules, and modules with hooks (e.g. weight norm), are called."""
+    if not (module._forward_hooks or module._forward_pre_hooks):
+        if type(module) is nn.Conv3d:
+            return _conv3d(module, x, module.weight, module.bias)
+        if type(module) is nn.Dropout and not module.inplace:
+            return dropout(x, module.p, module.training)
+    return module(x)
 
 
 def _memory_order_view(t: torch.Tensor) -> Optional[torch.Tensor]:
@@ -105,7 +142,7 @@ def _keep_mask(like: torch.Tensor, p: float) -> Tuple[torch.Tensor, float]:
 def _masked_scale(x: torch.Tensor, keep: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
     """``out = x * keep * scale`` elementwise (``out`` may be ``x``); returns ``out``.
 
-    ``masked_fill_`` with a bool mask is a scalar loop (~3x slower than a multiply), and ``x * keep`` casts the
+    ``masked_fill_`` with a bool mask is a scalar loop (slower than a multiply), and ``x * keep`` casts the
     whole mask to a float temporary first (a fresh allocation that costs more in page faults than the multiply).
     Tensors of one layout are therefore walked in chunks whose float temporaries the allocator reuses.
     """
@@ -138,23 +175,15 @@ class _MaskedScale(torch.autograd.Function):
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """:func:`torch.nn.functional.dropout` with a bool mask on the CPU (see the module docstring)."""
+    """:func:`torch.nn.functional.dropout` with a bool mask on the CPU (see the module docstring); the mask is
+    drawn from torch's default generator (``torch.manual_seed`` fixes it), in another order than PyTorch's."""
     # The same draw with or without grad (a reentrant checkpoint runs the forward without, then again with it).
-    if not training or p == 0.0 or not uses_fast_cpu_path(x):
+    if not training or p == 0.0 or x.device.type != "cpu":
         return F.dropout(x, p, training)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     keep, scale = _keep_mask(x, p)
     return _MaskedScale.apply(x, keep, scale)
-
-
-class Dropout(nn.Dropout):
-    """:class:`torch.nn.Dropout` computed by :func:`dropout`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inplace:
-            return super().forward(x)
-        return dropout(x, self.p, self.training)
 
 
 def _attention_probs(
@@ -176,7 +205,7 @@ class _WindowAttention(torch.autograd.Function):
     probabilities, or with ``recompute`` only q, k, v and the mask: the probabilities are recomputed (one product
     and one softmax), nothing else.
 
-    At the paper's sizes the ``(B, nW, h, N, N)`` tensors are ~160 MB: each fresh one costs more in page faults
+    At the paper's sizes the ``(B, nW, h, N, N)`` tensors are large: each fresh one costs more in page faults
     (glibc maps allocations over 32 MiB anew) than the pass that fills it, so they are updated in place wherever
     they are not kept: forward allocates one (two without ``recompute``), backward two.
     """
@@ -272,16 +301,17 @@ class _TransformerMlp(torch.autograd.Function):
 
 def transformer_mlp(fc1: nn.Linear, act: nn.GELU, drop: nn.Dropout, fc2: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``fc2(drop(act(fc1(x))))`` on the last axis of ``x``. In float32 CPU training only ``x`` and the
-    pre-activation are kept for backward (see :class:`_TransformerMlp`); elsewhere the modules are called in turn."""
+    pre-activation are kept for backward (see :class:`_TransformerMlp`); otherwise (no grad, hooks, other layer
+    types) the modules are called in turn, the dropout on :func:`dropout`."""
     fused = (
-        torch.is_grad_enabled() and fc1.training and uses_fast_cpu_path(x) and x.is_contiguous()
-        and type(fc1) is nn.Linear and type(fc2) is nn.Linear and type(act) is nn.GELU and type(drop) is Dropout
+        torch.is_grad_enabled() and fc1.training and x.is_contiguous()
+        and type(fc1) is nn.Linear and type(fc2) is nn.Linear and type(act) is nn.GELU and type(drop) is nn.Dropout
         and not drop.inplace and fc1.bias is not None and fc2.bias is not None
         and not any(m._forward_hooks or m._forward_pre_hooks for m in (fc1, act, drop, fc2))
         and (x.requires_grad or any(t.requires_grad for t in (fc1.weight, fc1.bias, fc2.weight, fc2.bias)))
     )
     if not fused:
-        return fc2(drop(act(fc1(x))))
+        return fc2(forward(drop, act(fc1(x))))
     p = drop.p if drop.training else 0.0
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
@@ -299,43 +329,42 @@ def _routes_to_slow_conv3d(x: torch.Tensor, groups: int, kernel: Tuple[int, ...]
     )
 
 
-class Conv3d(nn.Conv3d):
-    """:class:`torch.nn.Conv3d` with its small and pointwise CPU cases on faster kernels (see module docstring)."""
+def _is_pointwise(conv: nn.Conv3d) -> bool:
+    return (
+        conv.kernel_size == (1, 1, 1) and conv.stride == (1, 1, 1) and conv.groups == 1
+        and isinstance(conv.padding, tuple) and all(p == 0 for p in conv.padding)
+    )
 
-    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        if self.padding_mode == "zeros" and x.dim() == 5 and uses_fast_cpu_path(x):
-            if self.is_pointwise():
-                return self._pointwise(x, weight, bias)
-            if self.routes_to_onednn(x):
-                # groups=2 over the input twice: each group computes half the output channels from all of x
-                return F.conv3d(torch.cat([x, x], 1), weight, bias, self.stride, self.padding, self.dilation, 2)
-        return super()._conv_forward(x, weight, bias)
 
-    def routes_to_onednn(self, x: torch.Tensor) -> bool:
-        """Whether this convolution of ``x`` runs as two groups (PyTorch would take ``slow_conv3d``)."""
-        return (
-            _routes_to_slow_conv3d(x, self.groups, self.kernel_size) and self.out_channels % 2 == 0
-            and not self.is_pointwise()
-        )
+def _routes_to_onednn(conv: nn.Conv3d, x: torch.Tensor) -> bool:
+    """Whether :func:`_conv3d` runs this convolution of ``x`` as two groups (PyTorch would take ``slow_conv3d``)."""
+    return (
+        conv.padding_mode == "zeros" and x.dim() == 5 and not _is_pointwise(conv)
+        and _routes_to_slow_conv3d(x, conv.groups, conv.kernel_size) and conv.out_channels % 2 == 0
+    )
 
-    def is_pointwise(self) -> bool:
-        return (
-            self.kernel_size == (1, 1, 1) and self.stride == (1, 1, 1) and self.groups == 1
-            and isinstance(self.padding, tuple) and all(p == 0 for p in self.padding)
-        )
 
-    @staticmethod
-    def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """``(N, C_in, D, H, W) -> (N, C_out, D, H, W)`` as ``bias + W @ x`` per sample (layout kept)."""
-        n, _, d, h, w = x.shape
-        w2 = weight.flatten(1)  # (C_out, C_in)
-        if x.is_contiguous():
-            flat = x.view(n, -1, d * h * w)
-            if bias is None:
-                return torch.matmul(w2, flat).view(n, -1, d, h, w)
-            return torch.baddbmm(bias.view(1, -1, 1).expand(n, -1, 1), w2.expand(n, -1, -1), flat).view(n, -1, d, h, w)
-        # channels-last (or any other layout): a linear map of the channel axis
-        return F.linear(x.permute(0, 2, 3, 4, 1), w2, bias).permute(0, 4, 1, 2, 3)
+def _conv3d(conv: nn.Conv3d, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``conv``'s forward with the given parameters, its small and pointwise cases on faster kernels."""
+    if conv.padding_mode == "zeros" and x.dim() == 5 and _is_pointwise(conv):
+        return _pointwise(x, weight, bias)
+    if _routes_to_onednn(conv, x):
+        # groups=2 over the input twice: each group computes half the output channels from all of x
+        return F.conv3d(torch.cat([x, x], 1), weight, bias, conv.stride, conv.padding, conv.dilation, 2)
+    return conv._conv_forward(x, weight, bias)
+
+
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(N, C_in, D, H, W) -> (N, C_out, D, H, W)`` as ``bias + W @ x`` per sample (layout kept)."""
+    n, _, d, h, w = x.shape
+    w2 = weight.flatten(1)  # (C_out, C_in)
+    if x.is_contiguous():
+        flat = x.view(n, -1, d * h * w)
+        if bias is None:
+            return torch.matmul(w2, flat).view(n, -1, d, h, w)
+        return torch.baddbmm(bias.view(1, -1, 1).expand(n, -1, 1), w2.expand(n, -1, -1), flat).view(n, -1, d, h, w)
+    # channels-last (or any other layout): a linear map of the channel axis
+    return F.linear(x.permute(0, 2, 3, 4, 1), w2, bias).permute(0, 4, 1, 2, 3)
 
 
 def _dot_negative_part(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -350,41 +379,10 @@ def _dot_negative_part(a: torch.Tensor, b: torch.Tensor) -> float:
     )
 
 
-class _SharedSlopePReLU(torch.autograd.Function):
-    """``prelu(x, weight)`` with one slope, as leaky ReLU: the same products on vectorised kernels (PReLU's
-    backward is ~3x slower and materialises a slope gradient the size of ``x``)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return F.leaky_relu(x, float(weight))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        grad_w = weight.new_full(weight.shape, _dot_negative_part(grad, x)) if ctx.needs_input_grad[1] else None
-        return torch.ops.aten.leaky_relu_backward(grad, x, float(weight), False), grad_w
-
-
-class PReLU(nn.PReLU):
-    """:class:`torch.nn.PReLU`; with one shared slope on the CPU in float32 it runs as leaky ReLU (see
-    :class:`_SharedSlopePReLU`)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.num_parameters != 1 or not uses_fast_cpu_path(x):
-            return super().forward(x)
-        if not torch.is_grad_enabled() or not (x.requires_grad or self.weight.requires_grad):
-            return F.leaky_relu(x, float(self.weight))
-        if self.training:  # training backward on the faster kernels; eval keeps double backward (stock)
-            return _SharedSlopePReLU.apply(x, self.weight)
-        return super().forward(x)
-
-
 def _conv_apply(conv: nn.Module, h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The forward of ``conv`` (our :class:`Conv3d` or a stock ``nn.ConvTranspose3d``) with the given parameters."""
-    if isinstance(conv, Conv3d):
-        return conv._conv_forward(h, weight, bias)
+    """The forward of ``conv`` (an ``nn.Conv3d`` or ``nn.ConvTranspose3d``) with the given parameters."""
+    if type(conv) is nn.Conv3d:
+        return _conv3d(conv, h, weight, bias)
     return F.conv_transpose3d(h, weight, bias, conv.stride, conv.padding, conv.output_padding, conv.groups, conv.dilation)
 
 
@@ -411,9 +409,9 @@ def _conv_backward(
     needs: Tuple[bool, bool],
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``(d h, d weight, d bias)`` of :func:`_conv_apply` (``needs``: whether weight and bias gradients are wanted)."""
-    if isinstance(conv, Conv3d) and conv.is_pointwise():
+    transposed = type(conv) is not nn.Conv3d
+    if not transposed and _is_pointwise(conv):
         return _pointwise_backward(grad_y, h, weight, needs)
-    transposed = not isinstance(conv, Conv3d)
     h_in, groups = (torch.cat([h, h], 1), 2) if routed else (h, conv.groups)
     grad_h, grad_w, grad_b = torch.ops.aten.convolution_backward(
         grad_y, h_in, weight, [grad_y.shape[1]] if needs[1] else None, conv.stride, conv.padding, conv.dilation,
@@ -432,8 +430,8 @@ class _PreActivationConv(torch.autograd.Function):
     tensors the size of ``x``), are recomputed in backward from the saved statistics: one fused
     multiply-add and one activation; the convolution itself is not recomputed.
 
-    PReLU with its one shared slope runs as leaky ReLU (the same products, a vectorised kernel ~3x faster than
-    PReLU's in both directions, in place); its slope gradient is ``sum(grad * min(input, 0))``. With a slope of
+    PReLU with its one shared slope runs as leaky ReLU (the same products, a faster vectorised kernel in both
+    directions, in place); its slope gradient is ``sum(grad * min(input, 0))``. With a slope of
     at least ``2**-20`` the activation has its input's sign and ``slope * input`` as negative part, so backward
     activates the recomputed input in place and reads both from the result: one tensor the size of ``x``
     alive instead of two.
@@ -447,7 +445,7 @@ class _PreActivationConv(torch.autograd.Function):
         F.leaky_relu_(h, float(act_weight))
         if keep is not None:
             _masked_scale(h, keep, scale, h)
-        ctx.routed = isinstance(conv, Conv3d) and conv.routes_to_onednn(h)
+        ctx.routed = type(conv) is nn.Conv3d and _routes_to_onednn(conv, h)
         y = _conv_apply(conv, h, conv_weight, conv_bias)
         ctx.save_for_backward(x, norm_weight, norm_bias, act_weight, conv_weight, mean, invstd, keep)
         ctx.conv, ctx.eps, ctx.scale, ctx.has_bias = conv, norm.eps, scale, conv_bias is not None
@@ -486,21 +484,22 @@ class _PreActivationConv(torch.autograd.Function):
 def pre_activation_conv(
     norm: nn.BatchNorm3d, act: nn.PReLU, conv: nn.Module, x: torch.Tensor, drop: Optional[nn.Dropout] = None
 ) -> torch.Tensor:
-    """``conv(drop(act(norm(x))))`` with ``conv`` our :class:`Conv3d` (pointwise included) or a stock
-    ``nn.ConvTranspose3d``. In float32 CPU training only ``x`` is kept for backward (see
-    :class:`_PreActivationConv`); elsewhere the modules are called in turn."""
+    """``conv(drop(act(norm(x))))`` with ``conv`` an ``nn.Conv3d`` (pointwise included) or ``nn.ConvTranspose3d``.
+    With grad, in training, only ``x`` is kept for backward (see :class:`_PreActivationConv`); otherwise (no grad,
+    hooks, SyncBatchNorm, other layer types) the modules are called in turn, convolution and dropout on
+    :func:`forward`."""
     p = drop.p if drop is not None and drop.training else 0.0
     fused = (
         torch.is_grad_enabled() and type(norm) is nn.BatchNorm3d and norm.training and norm.affine  # not SyncBN
-        and uses_fast_cpu_path(x) and x.numel() > x.shape[1]  # BatchNorm3d itself rejects one value per channel
+        and x.numel() > x.shape[1]  # BatchNorm3d itself rejects one value per channel
         and not any(m._forward_hooks or m._forward_pre_hooks for m in (norm, act, conv))  # e.g. weight_norm
-        and (isinstance(conv, Conv3d) or type(conv) is nn.ConvTranspose3d) and conv.padding_mode == "zeros"
-        and isinstance(conv.padding, tuple) and type(act) in (nn.PReLU, PReLU) and act.num_parameters == 1 and 0.0 <= p < 1.0
+        and type(conv) in (nn.Conv3d, nn.ConvTranspose3d) and conv.padding_mode == "zeros"
+        and isinstance(conv.padding, tuple) and type(act) is nn.PReLU and act.num_parameters == 1 and 0.0 <= p < 1.0
         and (x.requires_grad or any(t.requires_grad for t in (norm.weight, act.weight, conv.weight)))
     )
     if not fused:
         h = act(norm(x))
-        return conv(drop(h) if drop is not None else h)
+        return forward(conv, forward(drop, h) if drop is not None else h)
     momentum = 0.0 if norm.momentum is None else norm.momentum
     if norm.track_running_stats and norm.num_batches_tracked is not None:  # as nn.BatchNorm3d.forward
         norm.num_batches_tracked.add_(1)

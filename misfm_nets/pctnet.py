@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Sequence, Union
+import functools
+import numbers
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import fast_cpu
 from .conv_blocks import ConvBlock, ConvLayer, DownSample, UpCatBlock
-from .fast_cpu import Conv3d, Dropout
+from .fast_cpu import FastCPUModule
 from .swin import SwinLayer, WindowAttention
 
 __all__ = ["PCTNet", "RESOLUTION_MODE_SCALES", "UPSTREAM_CONFIG_KEYS"]
@@ -54,17 +57,23 @@ def _frozen_norm_stats(module: nn.Module) -> Iterator[None]:
                     b.copy_(old)
 
 
+def _checkpoint_contexts(module: nn.Module) -> Tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """(forward, recomputation) contexts of :func:`torch.utils.checkpoint.checkpoint` for ``module``."""
+    return contextlib.nullcontext(), _frozen_norm_stats(module)
+
+
 def _maybe_checkpoint(enabled: bool, module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
     """``module(*args)``, or the same through activation checkpointing (non-reentrant, RNG state preserved)."""
     if not (enabled and module.training and torch.is_grad_enabled()):
         return module(*args)
-    return checkpoint(
-        module, *args, use_reentrant=False,
-        context_fn=lambda: (contextlib.nullcontext(), _frozen_norm_stats(module)),
-    )
+    if torch.compiler.is_compiling():
+        # Compiled, the recomputation is part of the backward graph, which does not update the BatchNorm buffers
+        # a second time (and torch.compile accepts no context_fn but a selective-checkpoint policy).
+        return checkpoint(module, *args, use_reentrant=False)
+    return checkpoint(module, *args, use_reentrant=False, context_fn=functools.partial(_checkpoint_contexts, module))
 
 
-class PatchEmbedding(nn.Module):
+class PatchEmbedding(FastCPUModule):
     """Convolutional stem: ``x -> (x0 full res, x1 after one pooling, x2 after two poolings)``."""
 
     def __init__(
@@ -74,7 +83,7 @@ class PatchEmbedding(nn.Module):
         super().__init__()
         c0, c1, c2 = channels
         kernel, padding = ((3, 3, 3), 1) if conv_dims[0] == 3 else ((1, 3, 3), (0, 1, 1))
-        self.proj = Conv3d(in_channels, c0, kernel, padding=padding)
+        self.proj = nn.Conv3d(in_channels, c0, kernel, padding=padding)
         self.conv0 = ConvBlock(c0, c0, conv_dims[0], dropout[0])
         self.conv1 = ConvBlock(c1, c1, conv_dims[1], dropout[1])
         self.down1 = DownSample(c0, c1, down_dims[0], conv_dims[1])
@@ -83,12 +92,13 @@ class PatchEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         ckpt = self.checkpointing
-        x0 = _maybe_checkpoint(ckpt, self.conv0, self.proj(x))
+        x = fast_cpu.forward(self.proj, x) if self._fast(x) else self.proj(x)
+        x0 = _maybe_checkpoint(ckpt, self.conv0, x)
         x1 = _maybe_checkpoint(ckpt, self.conv1, self.down1(x0))
         return [x0, x1, self.down2(x1)]
 
 
-class ConvTransBlock(nn.Module):
+class ConvTransBlock(FastCPUModule):
     """Parallel CNN and Swin branches summed: ``(B, C, S, H, W) -> (B, C, S, H, W)``; no identity skip."""
 
     def __init__(
@@ -101,13 +111,14 @@ class ConvTransBlock(nn.Module):
             channels, input_resolution, depth, num_heads, window_size, drop=dropout, attn_drop=dropout,
             drop_path=drop_path,
         )
-        self.pos_drop = Dropout(dropout)
+        self.pos_drop = nn.Dropout(dropout)
         # Present in the original (and so in its checkpoints) but never used; frozen so DDP needs no
         # find_unused_parameters.
         self.norm_layer = nn.LayerNorm(channels).requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.pos_drop(x.permute(0, 2, 3, 4, 1))
+        tokens = x.permute(0, 2, 3, 4, 1)
+        tokens = fast_cpu.forward(self.pos_drop, tokens) if self._fast(tokens) else self.pos_drop(tokens)
         return self.conv(x) + self.trans(tokens).permute(0, 4, 1, 2, 3)
 
 
@@ -179,13 +190,30 @@ class PredictionHead(nn.Module):
         return [d0, d1]
 
 
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):  # a config string "false" would otherwise be truthy
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+def _check_ints(name: str, values: Sequence[int], length: int, minimum: int = 1) -> Tuple[int, ...]:
+    values = tuple(values)
+    if len(values) != length:
+        raise ValueError(f"{name} needs {length} values, got {values}.")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
+            raise ValueError(f"{name} must hold integers >= {minimum}, got {values}.")
+    return tuple(int(v) for v in values)
+
+
 class PCTNet(nn.Module):
     """PCT-Net from MIS-FM, with the original's state-dict layout (the published checkpoint loads unchanged).
 
     A convolutional stem, a 3-level pyramid whose blocks run a CNN branch and a shifted-window transformer
     branch in parallel, and a convolutional prediction head. Three stems/heads exist for the three
     ``resolution_mode`` s (0: isotropic, 1: first pooling in-plane only, 2: both in-plane only); only the selected
-    pair is used, the others are kept (frozen) so checkpoints of any mode load.
+    pair is used, the others are kept (frozen) so checkpoints of any mode load. All layers are stock PyTorch
+    modules (``nn.Conv3d``, ``nn.BatchNorm3d``, ``nn.PReLU``, ``nn.Dropout``, ...).
 
     Args:
         in_channels: input channels (1 for CT).
@@ -195,11 +223,14 @@ class PCTNet(nn.Module):
             input whose sides are multiples of :attr:`size_divisor` also works.
         feature_channels: widths of the 5 levels (stem full, stem 1/2, pyramid 1, 1/2, 1/4).
         dropout: dropout per level (the pyramid levels also use it for attention and MLP dropout).
-        depths, num_heads, window_sizes: Swin depth, heads and cubic window per pyramid level.
+        depths, num_heads, window_sizes: Swin depth, heads and cubic window per pyramid level; each pyramid width
+            must be divisible by its number of heads.
         resolution_mode: 0, 1 or 2; the down-sampling to the pyramid is (4,4,4), (2,4,4) or (1,4,4)
             on (slice, row, column).
-        deep_supervision: return ``[full, 1/2, 1/4, 1/8]``-resolution logits (in train and eval mode), the
-            order :class:`monai.losses.DeepSupervisionLoss` expects; otherwise one tensor.
+        deep_supervision: in training mode, return the ``[full, 1/2, 1/4, 1/8]``-resolution logits, the order
+            :class:`monai.losses.DeepSupervisionLoss` expects; in eval mode only the full-resolution logits (as
+            MONAI's ``DynUNet``), so inferers and metrics need nothing special. :meth:`forward_all_heads` gives
+            the four in any mode.
         axis_order: ``"zyx"`` (the original, ``(N, C, D, H, W)`` with D the slice axis) or ``"xyz"`` for volumes
             as MONAI's ``LoadImage`` gives them ``(N, C, X, Y, Z)``; inputs and outputs are then transposed
             inside the network, so MONAI pipelines, inferers and ``Invertd`` need no extra transform.
@@ -213,21 +244,30 @@ class PCTNet(nn.Module):
             outputs returned contiguous). Same results up to float rounding in eval mode; in training the
             dropout masks are drawn in memory order, so they differ from the contiguous run's (as PyTorch's own
             dropout may). The transformer tokens then need no layout copy.
+        fast_cpu_kernels: the switch for :mod:`misfm_nets.fast_cpu`, faster and leaner kernels for float32 CPU
+            training: oneDNN for the small convolutions PyTorch would send to its im2col kernel, 1-byte dropout
+            masks (``p`` rounded to a multiple of 2**-15, drawn from torch's generator in another order than
+            ``nn.Dropout``), BatchNorm-PReLU-conv triples, attention and transformer MLPs that keep only what
+            backward cannot cheaply recompute. ``None`` (default, auto): used in float32 CPU training outside
+            autocast on the tested torch versions (``fast_cpu.TESTED_TORCH_VERSIONS``); ``True``: on any torch
+            version; ``False``: never. Whatever the setting, eval mode, CUDA, other dtypes, ``torch.compile``,
+            ``torch.export`` and ``torch.jit`` run the stock modules. The same function and gradients (float
+            rounding apart), and the same state dict.
 
-    Float32 training on the CPU runs on the layers of :mod:`misfm_nets.fast_cpu`: oneDNN for the small
-    convolutions PyTorch would send to its im2col kernel, 1-byte dropout masks (``p`` rounded to a multiple of
-    2**-15, drawn from torch's generator in another order than ``nn.Dropout``), BatchNorm-PReLU-conv triples,
-    attention and transformer MLPs that keep only what backward cannot cheaply recompute, and large temporaries
-    updated in place. The network and its gradients are the same.
+    Shapes: ``(N, in_channels, *spatial) -> (N, out_channels, *spatial)``, ``*spatial`` in ``axis_order``; with
+    deep supervision in training, a list of 4 such tensors at 1, 1/2, 1/4 and 1/8 of the pyramid's scale.
 
-    Shapes: ``(N, in_channels, *spatial) -> (N, out_channels, *spatial)`` (or the list of 4 with deep supervision).
+    ``torch.compile(net, fullgraph=True)``, ``torch.jit.trace`` and ``torch.export.export`` work (training and
+    eval, with or without ``checkpointing``); a trace holds no device constant.
 
     Example::
 
-        >>> net = PCTNet(1, 14, input_size=(128, 128, 64), axis_order="xyz")
+        >>> net = PCTNet(1, 14, input_size=(128, 128, 64), axis_order="xyz", deep_supervision=True)
         >>> net.size_divisor
         (16, 16, 8)
-        >>> net(torch.zeros(1, 1, 128, 128, 64)).shape
+        >>> [o.shape[2:] for o in net.train()(torch.zeros(2, 1, 128, 128, 64))][:2]
+        [torch.Size([128, 128, 64]), torch.Size([64, 64, 32])]
+        >>> net.eval()(torch.zeros(1, 1, 128, 128, 64)).shape
         torch.Size([1, 14, 128, 128, 64])
     """
 
@@ -247,22 +287,30 @@ class PCTNet(nn.Module):
         drop_path: float = 0.2,
         checkpointing: Union[bool, str] = False,
         channels_last: bool = False,
+        fast_cpu_kernels: Optional[bool] = None,
     ) -> None:
         super().__init__()
+        (in_channels,) = _check_ints("in_channels", (in_channels,), 1)
+        (out_channels,) = _check_ints("out_channels", (out_channels,), 1)
+        input_size = _check_ints("input_size", input_size, 3)
+        feature_channels = _check_ints("feature_channels", feature_channels, 5)
+        depths = _check_ints("depths", depths, 3, minimum=0)
+        num_heads = _check_ints("num_heads", num_heads, 3)
+        window_sizes = _check_ints("window_sizes", window_sizes, 3)
+        if len(dropout) != 5 or not all(0.0 <= p <= 1.0 for p in dropout):
+            raise ValueError(f"dropout needs 5 probabilities in [0, 1], got {tuple(dropout)}.")
+        for channels, heads in zip(feature_channels[2:], num_heads):
+            if channels % heads:
+                raise ValueError(
+                    f"each pyramid width must be divisible by its num_heads: feature_channels[2:] "
+                    f"{feature_channels[2:]}, num_heads {num_heads}."
+                )
         if resolution_mode not in (0, 1, 2):
             raise ValueError(f"resolution_mode must be 0, 1 or 2, got {resolution_mode}.")
         if axis_order not in ("zyx", "xyz"):
             raise ValueError(f"axis_order must be 'zyx' (slice axis first) or 'xyz' (MONAI), got {axis_order!r}.")
-        if len(input_size) != 3 or len(feature_channels) != 5 or len(dropout) != 5:
-            raise ValueError(
-                "input_size needs 3 values, feature_channels and dropout 5 each; got "
-                f"{tuple(input_size)}, {tuple(feature_channels)}, {tuple(dropout)}."
-            )
-        for name, value in (("depths", depths), ("num_heads", num_heads), ("window_sizes", window_sizes)):
-            if len(value) != 3:
-                raise ValueError(f"{name} needs one value per pyramid level (3), got {tuple(value)}.")
         self.resolution_mode = resolution_mode
-        self.deep_supervision = deep_supervision
+        self.deep_supervision = _check_bool("deep_supervision", deep_supervision)
         self.transpose = axis_order == "xyz"
         size_zyx = list(input_size)[::-1] if self.transpose else list(input_size)
         scale = RESOLUTION_MODE_SCALES[resolution_mode]
@@ -287,6 +335,7 @@ class PCTNet(nn.Module):
         self._freeze_unused()
         self.checkpointing = checkpointing
         self.channels_last = channels_last
+        self.fast_cpu_kernels = fast_cpu_kernels
 
     @property
     def checkpointing(self) -> Union[bool, str]:
@@ -294,7 +343,7 @@ class PCTNet(nn.Module):
 
     @checkpointing.setter
     def checkpointing(self, value: Union[bool, str]) -> None:
-        if value not in (True, False, "attention"):
+        if not (isinstance(value, bool) or value == "attention"):
             raise ValueError(f"checkpointing must be True, False or 'attention', got {value!r}.")
         self._checkpointing = value
         for module in (*self.embeddings, self.pyramid_ct, *self.pred_heads):
@@ -310,8 +359,21 @@ class PCTNet(nn.Module):
     @channels_last.setter
     def channels_last(self, enabled: bool) -> None:
         # Only 5-D tensors (conv weights) change layout; names, shapes and values of the state dict do not.
-        self._channels_last = bool(enabled)
+        self._channels_last = _check_bool("channels_last", enabled)
         self.to(memory_format=torch.channels_last_3d if enabled else torch.contiguous_format)
+
+    @property
+    def fast_cpu_kernels(self) -> Optional[bool]:
+        return self._fast_cpu_kernels
+
+    @fast_cpu_kernels.setter
+    def fast_cpu_kernels(self, value: Optional[bool]) -> None:
+        if value is not None:
+            _check_bool("fast_cpu_kernels", value)
+        self._fast_cpu_kernels = value
+        for module in self.modules():
+            if isinstance(module, FastCPUModule):
+                module.fast_cpu_kernels = value
 
     def _freeze_unused(self) -> None:
         """Stems/heads of other modes (and deep-supervision heads when off) get no gradient: freeze them."""
@@ -325,10 +387,23 @@ class PCTNet(nn.Module):
             self.pyramid_ct.out_conv3.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """``x (N, in_channels, *spatial)`` -> logits ``(N, out_channels, *spatial)``; with ``deep_supervision``
+        in training mode the list ``[full, 1/2, 1/4, 1/8]`` (see the class docstring)."""
+        if self.deep_supervision and self.training:
+            return self._heads(x, every_head=True)
+        return self._heads(x, every_head=False)[0]
+
+    def forward_all_heads(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The four heads' logits ``[full, 1/2, 1/4, 1/8]`` in the current mode (e.g. to look at the coarse heads
+        of a deep-supervision network in eval mode). Without ``deep_supervision`` the three coarse heads are
+        frozen at their initialisation (or the checkpoint's values)."""
+        return self._heads(x, every_head=True)
+
+    def _heads(self, x: torch.Tensor, every_head: bool) -> List[torch.Tensor]:
         if x.dim() != 5:
             raise ValueError(f"PCTNet expects a 5-D (N, C, *spatial) tensor, got shape {tuple(x.shape)}.")
         for size, div in zip(x.shape[2:], self.size_divisor):
-            if size % div:
+            if not torch.jit.is_tracing() and size % div:  # a trace is made for (and fixed to) one shape
                 raise ValueError(
                     f"PCTNet input spatial shape {tuple(x.shape[2:])} must be divisible by {self.size_divisor}; "
                     "pad it (e.g. monai.transforms.DivisiblePad) or use sliding-window inference."
@@ -342,10 +417,10 @@ class PCTNet(nn.Module):
         head = self.pred_heads[self.resolution_mode]
         d0, d1 = head(x0, x1, d2)
         outs = [head.out_conv0(d0)]
-        if self.deep_supervision:
+        if every_head:
             outs += [head.out_conv1(d1), self.pyramid_ct.out_conv2(d2), self.pyramid_ct.out_conv3(d3)]
         if self.transpose:
             outs = [o.permute(0, 1, 4, 3, 2) for o in outs]
         if self._channels_last:
             outs = [o.contiguous() for o in outs]
-        return outs if self.deep_supervision else outs[0]
+        return outs

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ["LoadReport", "load_pretrained", "extract_state_dict", "is_prediction_head"]
+__all__ = ["LoadReport", "load_pretrained", "extract_state_dict", "is_prediction_head", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,18 @@ def extract_state_dict(source: StateSource, map_location: Union[str, torch.devic
     return cleaned
 
 
+def unwrap_model(net: nn.Module) -> nn.Module:
+    """The network inside ``DistributedDataParallel`` / ``DataParallel`` (``.module``) and ``torch.compile``
+    (``._orig_mod``) wrappers, however nested; ``net`` itself when it is not wrapped."""
+    while True:
+        if isinstance(net, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            net = net.module
+        elif isinstance(getattr(net, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            net = net._orig_mod
+        else:
+            return net
+
+
 def load_pretrained(
     net: nn.Module,
     source: StateSource,
@@ -103,10 +115,12 @@ def load_pretrained(
     """Copy matching weights from ``source`` into ``net`` and report what happened.
 
     Args:
-        net: the network to initialise (e.g. :class:`misfm_nets.PCTNet`).
+        net: the network to initialise (e.g. :class:`misfm_nets.PCTNet`), also wrapped in
+            ``DistributedDataParallel`` / ``DataParallel`` or compiled by ``torch.compile`` (see :func:`unwrap_model`;
+            the weights are loaded into the wrapped network, which the wrapper shares).
         source: a checkpoint path, or an already loaded dict: MIS-FM/PyMIC ``{"model_state_dict": ...}``,
             a MONAI bundle ``model.pt`` (plain state dict), a training checkpoint ``{"model": ..., ...}``;
-            ``module.`` prefixes of DDP are removed.
+            the ``module.`` / ``_orig_mod.`` prefixes of a wrapped network's checkpoint are removed.
         mode: ``"all"`` loads every entry whose name and shape match; ``"encoder"`` loads everything except the
             prediction heads (the ``out_conv*`` layers), e.g. to fine-tune a pretext model on new classes.
             In both modes a head whose class count differs is skipped and keeps its fresh initialisation.
@@ -120,6 +134,7 @@ def load_pretrained(
     if mode not in ("all", "encoder"):
         raise ValueError(f"mode must be 'all' or 'encoder', got {mode!r}.")
     ckpt = extract_state_dict(source, map_location)
+    net = unwrap_model(net)
     target = net.state_dict()
     report = LoadReport()
     to_load = {}

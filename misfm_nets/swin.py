@@ -11,25 +11,32 @@ give the same outputs:
 * padded tokens (zeros appended at the end of each axis) take part in attention as keys and values.
 
 Beyond the original, the window padding and the shift mask are derived from the actual input shape (and
-cached per shape), so the layers are not tied to the resolution they were built for.
+cached for the last few shapes), so the layers are not tied to the resolution they were built for. They are
+built from the input tensor (``new_*``), not from a device argument, so a ``torch.jit.trace`` holds no device
+constant, and without data-dependent shapes, so ``torch.compile(fullgraph=True)`` can put them in its graph.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from collections import OrderedDict
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from monai.networks.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import fast_cpu
-from .fast_cpu import Dropout, transformer_mlp, window_attention
+from .fast_cpu import FastCPUModule
 
 __all__ = ["relative_position_index", "window_indices", "WindowAttention", "SwinBlock", "SwinLayer"]
 
 SHIFT_MASK_VALUE = -100.0
+# Input shapes whose window indices and shift mask a block keeps (least recently used dropped first): training
+# and validation patches, a sliding window and its border windows.
+WINDOW_CACHE_SIZE = 4
 
 
 def relative_position_index(window_size: int) -> torch.Tensor:
@@ -47,29 +54,33 @@ def relative_position_index(window_size: int) -> torch.Tensor:
 
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
     """``(B, S, H, W, C)`` with sides divisible by ``ws`` -> windows ``(B, nW, ws**3, C)`` in raster order."""
-    b, s, h, w, c = x.shape
     ws = window_size
-    x = x.view(b, s // ws, ws, h // ws, ws, w // ws, ws, c)
-    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, -1, ws * ws * ws, c)
+    return rearrange(x, "b (s p) (h q) (w r) c -> b (s h w) (p q r) c", p=ws, q=ws, r=ws)
 
 
 def window_reverse(windows: torch.Tensor, window_size: int, s: int, h: int, w: int) -> torch.Tensor:
     """Inverse of :func:`window_partition`: ``(B, nW, ws**3, C)`` -> ``(B, S, H, W, C)``."""
-    b, c = windows.shape[0], windows.shape[-1]
     ws = window_size
-    x = windows.view(b, s // ws, h // ws, w // ws, ws, ws, ws, c)
-    return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, s, h, w, c)
+    return rearrange(
+        windows, "b (s h w) (p q r) c -> b (s p) (h q) (w r) c", s=s // ws, h=h // ws, w=w // ws, p=ws, q=ws, r=ws
+    )
 
 
-def shift_mask(padded_shape: Sequence[int], window_size: int, shift: int, device: torch.device) -> torch.Tensor:
-    """Additive mask ``(nW, N, N)`` for the cyclically shifted windows of a padded ``(S, H, W)`` grid.
+def _arange(n: int, like: torch.Tensor) -> torch.Tensor:
+    """``torch.arange(n)`` (int64) on ``like``'s device, made from ``like`` so a trace records no device."""
+    return like.new_ones(n, dtype=torch.long).cumsum(0) - 1
+
+
+def shift_mask(padded_shape: Sequence[int], window_size: int, shift: int, like: torch.Tensor) -> torch.Tensor:
+    """Additive float32 mask ``(nW, N, N)`` for the cyclically shifted windows of a padded ``(S, H, W)`` grid, on
+    ``like``'s device.
 
     Each axis is cut into ``[0, P-ws)``, ``[P-ws, P-shift)`` and ``[P-shift, P)``; token pairs from different
     regions get ``-100`` (27 regions, as the original).
     """
-    region = torch.zeros(1, *padded_shape, 1, device=device)
+    region = like.new_zeros((1, *padded_shape, 1), dtype=torch.long)
     for axis, size in enumerate(padded_shape):
-        ids = torch.zeros(size, device=device)
+        ids = like.new_zeros(size, dtype=torch.long)
         ids[size - window_size : size - shift] = 1
         ids[size - shift :] = 2
         view = [1, 1, 1, 1, 1]
@@ -77,35 +88,33 @@ def shift_mask(padded_shape: Sequence[int], window_size: int, shift: int, device
         region = region * 3 + ids.view(view)
     ids = window_partition(region, window_size)[0, :, :, 0]  # (nW, N)
     mask = ids[:, None, :] != ids[:, :, None]
-    return torch.zeros(mask.shape, device=device).masked_fill(mask, SHIFT_MASK_VALUE)
+    return like.new_zeros(mask.shape, dtype=torch.float32).masked_fill_(mask, SHIFT_MASK_VALUE)
 
 
 def window_indices(
-    batch: int, shape: Sequence[int], window_size: int, shift: int, device: torch.device
+    batch: int, shape: Sequence[int], window_size: int, shift: int, like: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Row indices that turn pad (zeros at the end) + ``roll(-shift)`` + :func:`window_partition` into one gather.
 
     For tokens flattened to ``(B*S*H*W [+ 1 zero row when padding is needed], C)``, ``gather`` picks the rows of
     the windows ``(B, nW, ws**3, C)`` in order (padded positions pick the zero row); ``scatter`` picks, for every
     token of the ``(B, S, H, W)`` grid, its row in the flattened windows, which undoes the partition, the shift
-    and the padding (the crop) in one more gather.
+    and the padding (the crop) in one more gather. Both int64, on ``like``'s device.
     """
     ws = window_size
     s, h, w = shape
     padded = [-(-n // ws) * ws for n in shape]
     numel = s * h * w
-    grid = torch.full(padded, numel, dtype=torch.long, device=device)  # ``numel`` = the zero row
-    grid[:s, :h, :w] = torch.arange(numel, device=device).view(s, h, w)
+    grid = like.new_full(padded, numel, dtype=torch.long)  # ``numel`` = the zero row
+    grid[:s, :h, :w] = _arange(numel, like).view(s, h, w)
     if shift > 0:
         grid = torch.roll(grid, shifts=(-shift, -shift, -shift), dims=(0, 1, 2))
     windows = window_partition(grid[None, ..., None], ws).reshape(-1)  # (nW * N,) source rows per image
-    pad_row = numel * batch
-    offsets = torch.arange(batch, device=device)[:, None] * numel
-    gather = torch.where(windows == numel, pad_row, windows + offsets).reshape(-1)
-    slots = torch.empty(numel, dtype=torch.long, device=device)
-    real = windows != numel
-    slots[windows[real]] = torch.arange(windows.numel(), device=device)[real]
-    scatter = (slots + torch.arange(batch, device=device)[:, None] * windows.numel()).reshape(-1)
+    images = _arange(batch, like)[:, None]
+    gather = torch.where(windows == numel, numel * batch, windows + images * numel).reshape(-1)
+    # the window slot of every token; the padded slots all write to one spare entry, dropped after
+    slots = like.new_zeros(numel + 1, dtype=torch.long).scatter_(0, windows, _arange(windows.numel(), like))
+    scatter = (slots[:numel] + images * windows.numel()).reshape(-1)
     return gather, scatter
 
 
@@ -122,14 +131,15 @@ def _attention_core(
     return torch.matmul(F.dropout(attn.softmax(-1), dropout, True), v)
 
 
-class WindowAttention(nn.Module):
+class WindowAttention(FastCPUModule):
     """Multi-head self-attention inside cubic windows with a learned relative-position bias.
 
     ``forward(windows (B, nW, N, C), mask (nW, N, N) or None) -> (B, nW, N, C)``, ``N = window_size**3``.
     The bias and the shift mask enter :func:`torch.nn.functional.scaled_dot_product_attention` as one
     additive mask, so no ``(B*nW, heads, N, N)`` score tensor is kept for the backward pass. Training with
     attention dropout on the CPU (no fused CPU kernel does dropout) uses an explicit softmax with broadcast
-    bias and mask; ``recompute_attention = True`` recomputes it in backward so no score tensor is kept.
+    bias and mask (:func:`misfm_nets.fast_cpu.window_attention` where the fast CPU kernels are active);
+    ``recompute_attention = True`` recomputes it in backward so no score tensor is kept.
     """
 
     def __init__(
@@ -147,24 +157,25 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(window_size))
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = Dropout(proj_drop)
+        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, windows: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, nw, n, c = windows.shape
         h = self.num_heads
-        qkv = self.qkv(windows).view(b, nw, n, 3, h, c // h).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, d)
+        qkv = self.qkv(windows).reshape(b, nw, n, 3, h, c // h).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, d)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         bias = bias.view(n, n, h).permute(2, 0, 1)  # (h, N, N)
         dropout = self.attn_drop if self.training else 0.0
+        fast = self._fast(windows)
         if dropout > 0 and windows.device.type == "cpu":  # with or without grad: the same dropout draw
             # The fused CPU kernel has no attention dropout (SDPA would fall back to its math path, keep the
             # score, softmax and dropout tensors, and expand bias + mask to (nW*h, N, N)): compute explicitly
-            # with broadcast bias/mask; with ``recompute_attention`` the probabilities (float32: our
-            # window_attention) or the whole core (checkpoint, RNG state replayed) are recomputed in backward.
+            # with broadcast bias/mask; with ``recompute_attention`` the probabilities (fast kernels) or the
+            # whole core (checkpoint, RNG state replayed) are recomputed in backward.
             q, k, v = qkv.unbind(0)
-            if fast_cpu.uses_fast_cpu_path(q):
-                out = window_attention(q, k, v, bias, mask, self.scale, dropout, self.recompute_attention)
-            elif self.recompute_attention:
+            if fast:
+                out = fast_cpu.window_attention(q, k, v, bias, mask, self.scale, dropout, self.recompute_attention)
+            elif self.recompute_attention and torch.is_grad_enabled():
                 out = checkpoint(_attention_core, q, k, v, bias, mask, self.scale, dropout, use_reentrant=False)
             else:
                 out = _attention_core(q, k, v, bias, mask, self.scale, dropout)
@@ -181,11 +192,12 @@ class WindowAttention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask.to(q.dtype), dropout_p=dropout, scale=self.scale
             )
-        out = out.view(b, nw, h, n, c // h).transpose(2, 3).reshape(b, nw, n, c)
-        return self.proj_drop(self.proj(out))
+        out = out.reshape(b, nw, h, n, c // h).transpose(2, 3).reshape(b, nw, n, c)
+        out = self.proj(out)
+        return fast_cpu.forward(self.proj_drop, out) if fast else self.proj_drop(out)
 
 
-class Mlp(nn.Module):
+class Mlp(FastCPUModule):
     """``Linear -> GELU -> Dropout -> Linear -> Dropout`` on the last axis."""
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
@@ -193,10 +205,15 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop = Dropout(drop)
+        self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(transformer_mlp(self.fc1, self.act, self.drop, self.fc2, x))
+        if not self._fast(x):
+            # on rows (N, C): the backward of a dropout on a permuted gradient keeps its strides, which AOTAutograd
+            # (torch.compile) mispredicts for the 5-D linear's views
+            rows = x.reshape(-1, x.shape[-1])
+            return self.drop(self.fc2(self.drop(self.act(self.fc1(rows))))).reshape(x.shape)
+        return fast_cpu.forward(self.drop, fast_cpu.transformer_mlp(self.fc1, self.act, self.drop, self.fc2, x))
 
 
 class SwinBlock(nn.Module):
@@ -228,34 +245,46 @@ class SwinBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
-        self._mask_cache: Dict[str, torch.Tensor] = {}
+        self._windows: "OrderedDict[tuple, Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]" = OrderedDict()
 
-    def _cached(self, key: str, build):
-        if torch.jit.is_tracing():  # a cached tensor would enter the trace as a constant of another call
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .cuda() / .half(): the cached index tensors belong to the old placement, drop them.
+        self._windows.clear()
+        return super()._apply(fn, recurse)
+
+    def _window_tensors(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """``(gather, scatter, shift mask or None)`` for ``x`` of shape ``(B, S, H, W, C)``; cached per shape and
+        device (at most :data:`WINDOW_CACHE_SIZE`) in eager mode. Under ``torch.compile``, export and tracing they
+        are built in the graph: a cached tensor would enter it as a constant of another call."""
+        b, s, h, w, _ = x.shape
+        ws, shift = self.window_size, self.shift_size
+
+        def build() -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+            padded = (-(-s // ws) * ws, -(-h // ws) * ws, -(-w // ws) * ws)
+            mask = shift_mask(padded, ws, shift, x) if shift > 0 else None
+            return (*window_indices(b, (s, h, w), ws, shift, x), mask)
+
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
             return build()
-        if key not in self._mask_cache:
-            self._mask_cache[key] = build()
-        return self._mask_cache[key]
-
-    def _shift_mask(self, padded: Tuple[int, int, int], device: torch.device) -> torch.Tensor:
-        return self._cached(
-            f"mask{padded}{device}", lambda: shift_mask(padded, self.window_size, self.shift_size, device)
-        )
+        key = (b, s, h, w, x.device)
+        if key in self._windows:
+            self._windows.move_to_end(key)
+            return self._windows[key]
+        with torch.inference_mode(False):  # built under inference_mode, they must still serve a training step
+            self._windows[key] = build()
+        if len(self._windows) > WINDOW_CACHE_SIZE:
+            self._windows.popitem(last=False)
+        return self._windows[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h, w, c = x.shape
-        ws, shift = self.window_size, self.shift_size
-        padded = (-(-s // ws) * ws, -(-h // ws) * ws, -(-w // ws) * ws)
-        gather, scatter = self._cached(
-            f"index{b}{(s, h, w)}{x.device}", lambda: window_indices(b, (s, h, w), ws, shift, x.device)
-        )
+        gather, scatter, mask = self._window_tensors(x)
         # Pad + roll + partition as one row gather (and its inverse as another): 1-2 copies instead of 5-7.
         y = self.norm1(x).reshape(b * s * h * w, c)
-        if padded != (s, h, w):
-            y = F.pad(y, (0, 0, 0, 1))  # one zero row, the source of every padded token
-        y = y.index_select(0, gather).view(b, -1, ws**3, c)
-        mask = self._shift_mask(padded, x.device) if shift > 0 else None
-        y = self.attn(y, mask).reshape(-1, c).index_select(0, scatter).view(b, s, h, w, c)
+        if gather.numel() != b * s * h * w:  # padded: one zero row, the source of every padded token
+            y = F.pad(y, (0, 0, 0, 1))
+        y = y.index_select(0, gather).reshape(b, -1, self.window_size**3, c)
+        y = self.attn(y, mask).reshape(-1, c).index_select(0, scatter).reshape(b, s, h, w, c)
         x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

@@ -1,4 +1,5 @@
-"""The fast CPU layers compute what the PyTorch layers they replace compute, with the kernels we claim."""
+"""The fast CPU kernels compute what the stock modules they stand in for compute, with the kernels we claim, and
+the switch ``PCTNet(fast_cpu_kernels=...)`` decides where they run."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from misfm_nets import fast_cpu
-from misfm_nets.fast_cpu import Conv3d, Dropout, PReLU, _keep_mask, dropout, window_attention
+from misfm_nets import PCTNet, fast_cpu
+from misfm_nets.fast_cpu import _keep_mask, dropout, window_attention
+
+TINY = dict(feature_channels=(4, 8, 16, 32, 64), num_heads=(2, 4, 8))
 
 
 def _profiled_ops(fn) -> set:
@@ -16,10 +19,11 @@ def _profiled_ops(fn) -> set:
     return {e.key for e in prof.key_averages()}
 
 
-def _outputs_and_grads(conv: nn.Module, x: torch.Tensor, channels_last: bool = False):
+def _outputs_and_grads(conv: nn.Module, x: torch.Tensor, channels_last: bool, fast: bool):
     x = x.clone().requires_grad_()
+    conv.zero_grad(set_to_none=True)
     inp = x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
-    y = conv(inp)
+    y = fast_cpu.forward(conv, inp) if fast else conv(inp)
     y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
     return y.detach(), x.grad, conv.weight.grad, None if conv.bias is None else conv.bias.grad
 
@@ -38,11 +42,9 @@ def _outputs_and_grads(conv: nn.Module, x: torch.Tensor, channels_last: bool = F
 @pytest.mark.parametrize("bias", [True, False])
 def test_conv3d_matches_torch(shape, out_channels, kernel, padding, channels_last, bias):
     torch.manual_seed(0)
-    ours = Conv3d(shape[1], out_channels, kernel, padding=padding, bias=bias)
-    ref = nn.Conv3d(shape[1], out_channels, kernel, padding=padding, bias=bias)
-    ref.load_state_dict(ours.state_dict())
+    conv = nn.Conv3d(shape[1], out_channels, kernel, padding=padding, bias=bias)
     x = torch.randn(shape)
-    for a, b in zip(_outputs_and_grads(ours, x, channels_last), _outputs_and_grads(ref, x, channels_last)):
+    for a, b in zip(_outputs_and_grads(conv, x, channels_last, True), _outputs_and_grads(conv, x, channels_last, False)):
         if a is None or b is None:
             assert a is None and b is None
             continue
@@ -51,21 +53,31 @@ def test_conv3d_matches_torch(shape, out_channels, kernel, padding, channels_las
 
 
 def test_conv3d_routes_small_convolutions_to_onednn():
-    conv, x = Conv3d(8, 8, 3, padding=1), torch.randn(1, 8, 8, 16, 16)
-    stock = nn.Conv3d(8, 8, 3, padding=1)
-    assert "aten::slow_conv3d_forward" in _profiled_ops(lambda: stock(x))  # the case we fix
-    ops = _profiled_ops(lambda: conv(x))
+    conv, x = nn.Conv3d(8, 8, 3, padding=1), torch.randn(1, 8, 8, 16, 16)
+    assert "aten::slow_conv3d_forward" in _profiled_ops(lambda: conv(x))  # the case we fix
+    ops = _profiled_ops(lambda: fast_cpu.forward(conv, x))
     assert "aten::mkldnn_convolution" in ops and "aten::slow_conv3d_forward" not in ops
-    pointwise = _profiled_ops(lambda: Conv3d(8, 4, 1)(x))
+    pointwise = _profiled_ops(lambda: fast_cpu.forward(nn.Conv3d(8, 4, 1), x))
     assert not any("conv" in op for op in pointwise)
 
 
-def test_conv3d_is_stock_under_tracing_and_autocast():
-    conv, x = Conv3d(8, 8, 3, padding=1), torch.randn(1, 8, 8, 16, 16)
-    traced = torch.jit.trace(conv, x)
-    assert "cat" not in str(traced.graph)
+def test_the_switch_is_on_only_for_float32_cpu_training(monkeypatch):
+    x = torch.randn(2, 3)
+    assert fast_cpu.active(None, x, training=True) and fast_cpu.active(True, x, training=True)
+    assert not fast_cpu.active(False, x, training=True)
+    assert not fast_cpu.active(None, x, training=False)  # eval: stock (double backward, export)
+    assert not fast_cpu.active(None, x.double(), training=True)
+    assert not fast_cpu.active(None, torch.zeros(2, device="meta"), training=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert _profiled_ops(lambda: conv(x)).isdisjoint({"aten::cat"})
+        assert not fast_cpu.active(True, x, training=True)
+    def doubled_if_active(t):
+        return t * 2 if fast_cpu.active(True, t, training=True) else t
+
+    assert torch.equal(torch.jit.trace(doubled_if_active, x, check_trace=False)(x), x)
+    assert torch.equal(torch.compile(doubled_if_active, backend="eager", fullgraph=True)(x), x)
+    # auto means "on the torch versions the kernels were tested against"; True forces them on another one
+    monkeypatch.setattr(fast_cpu, "TESTED_TORCH_VERSIONS", ())
+    assert not fast_cpu.active(None, x, training=True) and fast_cpu.active(True, x, training=True)
 
 
 def test_dropout_keeps_the_expectation_and_a_bool_mask():
@@ -104,40 +116,14 @@ def test_masked_scale_walks_both_tensors_in_memory_order(layout, monkeypatch):
     assert fast_cpu._dot_negative_part(grad, x) == pytest.approx(float((grad.double() * x.double().clamp(max=0)).sum()), rel=1e-5)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("num_parameters", [1, 3])  # several slopes: the stock layer
-def test_prelu_matches_torch(channels_last, num_parameters, monkeypatch):
-    monkeypatch.setattr(fast_cpu, "_CHUNK", 1000)
-    ours, ref = PReLU(num_parameters, init=0.2), nn.PReLU(num_parameters, init=0.2)
-    assert ours.state_dict().keys() == ref.state_dict().keys()
-    x = torch.randn(2, 3, 5, 6, 7)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    grad = torch.randn_like(x)
-    results = []
-    for layer in (ours, ref):
-        xi = x.clone().requires_grad_()
-        y = layer(xi)
-        y.backward(grad)
-        results.append((y.detach(), xi.grad, layer.weight.grad))
-    assert torch.equal(results[0][0], results[1][0])
-    assert torch.equal(results[0][1], results[1][1])
-    torch.testing.assert_close(results[0][2], results[1][2], atol=1e-5, rtol=1e-5)
-    with torch.no_grad():
-        assert torch.equal(ours(x), ref(x))
-    if num_parameters == 1:
-        assert "aten::_prelu_kernel_backward" not in _profiled_ops(lambda: ours(x.requires_grad_()).sum().backward())
-
-
 def test_dropout_is_seeded_and_stock_where_it_should_be():
     x = torch.randn(1000, requires_grad=True)
     torch.manual_seed(3)
     a = dropout(x, 0.5)
     torch.manual_seed(3)
-    b = Dropout(0.5)(x)
+    b = fast_cpu.forward(nn.Dropout(0.5), x)
     assert torch.equal(a, b)
-    layer = Dropout(0.5).eval()
-    assert torch.equal(layer(x), x)
+    assert torch.equal(fast_cpu.forward(nn.Dropout(0.5).eval(), x), x)
     assert torch.equal(dropout(x, 0.0), x)
     assert float((dropout(x, 1.0) == 0).float().mean()) == 1.0
     with pytest.raises(ValueError, match="between 0 and 1"):
@@ -208,11 +194,11 @@ def test_pre_activation_conv_matches_autograd_and_keeps_only_its_input(
             conv = nn.ConvTranspose3d(shape[1], out_channels, 2, stride=2)
         else:
             padding = tuple(k // 2 for k in ((kernel,) * 3 if isinstance(kernel, int) else kernel))
-            conv = Conv3d(shape[1], out_channels, kernel, padding=padding)
+            conv = nn.Conv3d(shape[1], out_channels, kernel, padding=padding)
         norm, act = nn.BatchNorm3d(shape[1]), nn.PReLU()
         with torch.no_grad():
             norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5), act.weight.fill_(slope)
-        return norm, act, conv, Dropout(p)
+        return norm, act, conv, nn.Dropout(p)
 
     x = torch.randn(shape) * 2 + 1
     if channels_last:
@@ -247,7 +233,7 @@ def test_transformer_mlp_matches_autograd_and_keeps_no_activation(p, approximate
 
     monkeypatch.setattr(fast_cpu, "_CHUNK", 1000)  # several chunks in the elementwise passes
     torch.manual_seed(0)
-    fc1, act, drop, fc2 = nn.Linear(6, 24), nn.GELU(approximate), Dropout(p), nn.Linear(24, 6)
+    fc1, act, drop, fc2 = nn.Linear(6, 24), nn.GELU(approximate), nn.Dropout(p), nn.Linear(24, 6)
     x = torch.randn(2, 3, 4, 5, 6)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     torch.manual_seed(5)
@@ -278,7 +264,7 @@ def test_fused_layers_survive_a_dropout_that_drops_everything():
     from misfm_nets.fast_cpu import pre_activation_conv
 
     x = torch.randn(1, 4, 4, 8, 8, requires_grad=True)
-    y = pre_activation_conv(nn.BatchNorm3d(4), PReLU(), Conv3d(4, 4, 3, padding=1), x, Dropout(1 - 1e-6))
+    y = pre_activation_conv(nn.BatchNorm3d(4), nn.PReLU(), nn.Conv3d(4, 4, 3, padding=1), x, nn.Dropout(1 - 1e-6))
     y.sum().backward()
     assert torch.count_nonzero(x.grad) == 0
 
@@ -310,25 +296,21 @@ def test_eval_mode_keeps_double_backward():
     assert net.pyramid_ct.down3.conv[2].weight.grad is not None
 
 
-def test_pctnet_training_step_equals_the_stock_layers(monkeypatch):
+def _training_step(fast_cpu_kernels, dropout=0.0, drop_path=0.0):
+    torch.manual_seed(0)
+    net = PCTNet(1, 3, (16, 32, 32), dropout=(dropout,) * 5, drop_path=drop_path, deep_supervision=True,
+                 fast_cpu_kernels=fast_cpu_kernels, **TINY).train()
+    x = torch.randn(1, 1, 16, 32, 32, generator=torch.Generator().manual_seed(1))
+    outs = net(x)
+    sum(o.square().mean() for o in outs).backward()
+    grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+    return [o.detach() for o in outs], grads, dict(net.named_buffers())
+
+
+def test_pctnet_training_step_equals_the_stock_layers():
     # Train mode (batch statistics, running-stat updates), no dropout so both draw nothing: the whole network on
-    # the fast CPU layers against the same network on stock PyTorch layers.
-    from misfm_nets import PCTNet, fast_cpu
-
-    fast_path = fast_cpu.uses_fast_cpu_path
-
-    def step(fast: bool):
-        monkeypatch.setattr(fast_cpu, "uses_fast_cpu_path", fast_path if fast else lambda x: False)
-        torch.manual_seed(0)
-        net = PCTNet(1, 3, (16, 32, 32), feature_channels=(4, 8, 16, 32, 64), num_heads=(2, 4, 8),
-                     dropout=(0.0,) * 5, drop_path=0.0, deep_supervision=True).train()
-        x = torch.randn(1, 1, 16, 32, 32, generator=torch.Generator().manual_seed(1))
-        outs = net(x)
-        sum(o.square().mean() for o in outs).backward()
-        grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
-        return [o.detach() for o in outs], grads, dict(net.named_buffers())
-
-    stock, fast = step(False), step(True)
+    # the fast CPU kernels against the same network on stock PyTorch modules.
+    stock, fast = _training_step(False), _training_step(None)
     for a, b in zip(fast[0], stock[0]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert fast[1].keys() == stock[1].keys()
@@ -339,6 +321,21 @@ def test_pctnet_training_step_equals_the_stock_layers(monkeypatch):
             assert float((fast[1][name] - ref).norm() / ref.norm()) < 1e-2, name
     for name in stock[2]:
         torch.testing.assert_close(fast[2][name], stock[2][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_switch_off_runs_only_stock_modules(monkeypatch):
+    # With fast_cpu_kernels=False no fast_cpu function is called (dropout and DropPath active); on auto they are.
+    calls = []
+    for name in ("forward", "dropout", "pre_activation_conv", "transformer_mlp", "window_attention"):
+        original = getattr(fast_cpu, name)
+        monkeypatch.setattr(fast_cpu, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    _training_step(False, dropout=0.2, drop_path=0.2)
+    assert calls == []
+    _training_step(None, dropout=0.2, drop_path=0.2)
+    assert {"forward", "pre_activation_conv", "transformer_mlp", "window_attention"} <= set(calls)
+    # and the stock ops are what ran: PyTorch's own dropout and its im2col kernel for the small convolutions
+    ops = _profiled_ops(lambda: _training_step(False, dropout=0.2))
+    assert {"aten::bernoulli_", "aten::slow_conv3d_forward"} <= ops
 
 
 def test_pre_activation_conv_leaves_other_norm_layers_their_forward():
@@ -353,7 +350,7 @@ def test_pre_activation_conv_leaves_other_norm_layers_their_forward():
             return super().forward(x)
 
     x = torch.randn(1, 4, 4, 8, 8, requires_grad=True)
-    pre_activation_conv(RecordingNorm(4), nn.PReLU(), Conv3d(4, 4, 3, padding=1), x).sum().backward()
+    pre_activation_conv(RecordingNorm(4), nn.PReLU(), nn.Conv3d(4, 4, 3, padding=1), x).sum().backward()
     assert calls == [x.shape]
 
 
@@ -373,7 +370,7 @@ def test_pre_activation_conv_keeps_module_hooks_working():
     from misfm_nets.fast_cpu import pre_activation_conv
 
     seen = []
-    conv = Conv3d(4, 4, 3, padding=1)
+    conv = nn.Conv3d(4, 4, 3, padding=1)
     conv.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
     x = torch.randn(1, 4, 4, 8, 8, requires_grad=True)
     y = pre_activation_conv(nn.BatchNorm3d(4), nn.PReLU(), conv, x)

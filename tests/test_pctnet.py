@@ -47,7 +47,7 @@ def test_golden_outputs(mode):
     assert result.unexpected_keys == []
     assert result.missing_keys and all(k.endswith("relative_position_index") for k in result.missing_keys)
     with torch.no_grad():
-        outputs = net(golden["input"])
+        outputs = net.forward_all_heads(golden["input"])  # eval mode: forward itself gives only the first
     assert len(outputs) == len(golden["outputs"]) == 4
     for ours, ref in zip(outputs, golden["outputs"]):
         assert ours.shape == ref.shape
@@ -61,7 +61,7 @@ def test_golden_outputs_are_float32_roundings_of_ours(mode):
     net = golden_net(golden).eval()
     net.load_state_dict(golden["state_dict"], strict=False)
     with torch.no_grad():
-        exact = net.double()(golden["input"].double())
+        exact = net.double().forward_all_heads(golden["input"].double())
     for ours, ref in zip(exact, golden["outputs"]):
         err = float((ours - ref.double()).abs().max())
         assert err <= 1.5e-6 * float(ref.abs().max()), err
@@ -106,18 +106,21 @@ def _slice_mask(padded, ws, shift):
 
 @pytest.mark.parametrize("padded", [(12, 12, 12), (6, 12, 18), (18, 6, 12)])
 def test_shift_mask_matches_slice_construction(padded):
-    torch.testing.assert_close(shift_mask(padded, 6, 3, torch.device("cpu")), _slice_mask(padded, 6, 3))
+    torch.testing.assert_close(shift_mask(padded, 6, 3, torch.zeros(())), _slice_mask(padded, 6, 3))
 
 
-def test_deep_supervision_outputs_in_train_and_eval():
+def test_deep_supervision_heads_in_training_one_output_in_eval():
+    # As MONAI's DynUNet: the list of heads in training only; eval mode gives the full-resolution logits.
     net = PCTNet(1, 3, (32, 64, 64), deep_supervision=True, **TINY)
     x = torch.randn(2, 1, 32, 64, 64)
-    for train in (True, False):
-        net.train(train)
-        outs = net(x)
-        assert [tuple(o.shape) for o in outs] == [
-            (2, 3, 32, 64, 64), (2, 3, 32, 32, 32), (2, 3, 16, 16, 16), (2, 3, 8, 8, 8)
-        ]
+    shapes = [(2, 3, 32, 64, 64), (2, 3, 32, 32, 32), (2, 3, 16, 16, 16), (2, 3, 8, 8, 8)]
+    assert [tuple(o.shape) for o in net.train()(x)] == shapes
+    net.eval()
+    with torch.no_grad():
+        out, heads = net(x), net.forward_all_heads(x)
+    assert isinstance(out, torch.Tensor) and tuple(out.shape) == shapes[0]
+    assert [tuple(o.shape) for o in heads] == shapes
+    torch.testing.assert_close(out, heads[0], atol=0, rtol=0)
     net.train()
     label = torch.randint(0, 3, (2, 1, 32, 64, 64)).float()  # MONAI loaders give float labels
     loss = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True))(net(x), label)
@@ -141,10 +144,10 @@ def test_other_sizes_run_and_the_built_size_is_unchanged():
     net = golden_net(golden).eval()
     net.load_state_dict(golden["state_dict"], strict=False)
     with torch.no_grad():
-        bigger = net(torch.randn(1, 1, 48, 96, 80))  # multiples of (8, 16, 16), not the built 32x64x64
+        bigger = net.forward_all_heads(torch.randn(1, 1, 48, 96, 80))  # multiples of (8, 16, 16), not 32x64x64
         again = net(golden["input"])  # masks for the built shape still right after another shape was cached
     assert [tuple(o.shape[2:]) for o in bigger] == [(48, 96, 80), (48, 48, 40), (24, 24, 20), (12, 12, 10)]
-    assert_close_to_golden(again[0], golden["outputs"][0])
+    assert_close_to_golden(again, golden["outputs"][0])
 
 
 def test_sizes_not_divisible_are_refused_with_the_divisor():
@@ -159,6 +162,31 @@ def test_sizes_not_divisible_are_refused_with_the_divisor():
         PCTNet(1, 2, (32, 64, 64), axis_order="yxz", **TINY)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(out_channels=0), ValueError, "out_channels"),
+        (dict(out_channels=-2), ValueError, "out_channels"),
+        (dict(in_channels=0), ValueError, "in_channels"),
+        (dict(num_heads=(2, 0, 8)), ValueError, "num_heads"),
+        (dict(num_heads=(3, 4, 8)), ValueError, "divisible by its num_heads"),  # 16 channels, 3 heads
+        (dict(input_size=(32, 0, 64)), ValueError, "input_size"),
+        (dict(input_size=(32, 64)), ValueError, "input_size"),
+        (dict(input_size=(32, 64, 64, 1)), ValueError, "input_size"),
+        (dict(deep_supervision="false"), TypeError, "deep_supervision"),
+        (dict(channels_last=1), TypeError, "channels_last"),
+        (dict(fast_cpu_kernels="auto"), TypeError, "fast_cpu_kernels"),
+        (dict(checkpointing="yes"), ValueError, "checkpointing"),
+        (dict(dropout=(0.0, 0.0, 1.5, 0.2, 0.2)), ValueError, "dropout"),
+    ],
+)
+def test_constructor_arguments_are_validated(kwargs, error, match):
+    args = dict(in_channels=1, out_channels=2, input_size=(32, 64, 64), **TINY)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        PCTNet(**args)
+
+
 def test_xyz_axis_order_equals_transposing_around_the_original():
     golden = load_golden(1)
     zyx = golden_net(golden).eval()
@@ -170,7 +198,7 @@ def test_xyz_axis_order_equals_transposing_around_the_original():
     assert xyz.size_divisor == (16, 16, 8)
     x_zyx = golden["input"]
     with torch.no_grad():
-        outs = xyz(x_zyx.permute(0, 1, 4, 3, 2))  # as MONAI's LoadImage gives it: (N, C, x, y, z)
+        outs = xyz.forward_all_heads(x_zyx.permute(0, 1, 4, 3, 2))  # as MONAI's LoadImage gives it: (N, C, x, y, z)
     for ours, ref in zip(outs, golden["outputs"]):
         assert_close_to_golden(ours, ref.permute(0, 1, 4, 3, 2))
 

@@ -16,7 +16,7 @@ from misfm_nets.swin import window_indices, window_partition, window_reverse
 def _train_step(net, x, seed):
     """One seeded train-mode step (dropout, DropPath and BatchNorm active); outputs and gradients by name."""
     torch.manual_seed(seed)
-    outs = net(x)
+    outs = net.forward_all_heads(x)  # in training the same as net(x) with deep supervision; in eval all four
     sum(o.square().mean() * (i + 1) for i, o in enumerate(outs)).backward()
     grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     return [o.detach() for o in outs], grads
@@ -76,7 +76,7 @@ def test_channels_last_matches_the_golden_outputs(mode):
     net.load_state_dict(golden["state_dict"], strict=False)
     assert net.pyramid_ct.down3.conv[2].weight.is_contiguous(memory_format=torch.channels_last_3d)
     with torch.no_grad():
-        outputs = net(golden["input"])
+        outputs = net.forward_all_heads(golden["input"])
     for ours, ref in zip(outputs, golden["outputs"]):
         assert ours.is_contiguous()
         assert_close_to_golden(ours, ref)
@@ -113,7 +113,7 @@ def test_window_gather_equals_pad_roll_partition(shape, window, shift):
     if shift:
         ref = torch.roll(ref, shifts=(-shift,) * 3, dims=(1, 2, 3))
     ref_windows = window_partition(ref, window)
-    gather, scatter = window_indices(b, shape, window, shift, x.device)
+    gather, scatter = window_indices(b, shape, window, shift, x)
     flat = x.reshape(-1, c)
     if list(padded) != list(shape):
         flat = F.pad(flat, (0, 0, 0, 1))
@@ -144,7 +144,7 @@ def test_bf16_autocast_stays_close_to_the_fp32_golden_outputs():
     net = golden_net(golden).eval()
     net.load_state_dict(golden["state_dict"], strict=False)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = net(golden["input"])[0].float()
+        out = net(golden["input"]).float()
     ref = golden["outputs"][0]
     assert float((out - ref).abs().max() / ref.abs().max()) < 0.1
     assert float((out.argmax(1) == ref.argmax(1)).float().mean()) > 0.95
@@ -160,7 +160,7 @@ def test_attention_dropout_path_equals_the_explicit_formula(shifted, recompute):
     attn = WindowAttention(16, 4, 2, attn_drop=0.3).train()
     attn.recompute_attention = recompute
     windows = torch.randn(2, 8, 64, 16, requires_grad=True)
-    mask = shift_mask((8, 8, 8), 4, 2, windows.device) if shifted else None
+    mask = shift_mask((8, 8, 8), 4, 2, windows) if shifted else None
     torch.manual_seed(5)
     out = attn(windows, mask)
     out.square().sum().backward()

@@ -19,8 +19,8 @@ def golden():
 
 def _assert_same_outputs(net, golden):
     with torch.no_grad():
-        outs = net.eval()(golden["input"])
-    assert_close_to_golden(outs[0], golden["outputs"][0])
+        out = net.eval()(golden["input"])  # eval mode: the full-resolution logits only
+    assert_close_to_golden(out, golden["outputs"][0])
 
 
 def test_plain_state_dict_loads_everything(golden, caplog):
@@ -86,3 +86,31 @@ def test_bad_sources_are_explained(tmp_path):
         load_pretrained(net, {"epoch": 3})
     with pytest.raises(ValueError, match="mode"):
         load_pretrained(net, {}, mode="decoder")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_ddp_wrapped_or_compiled_network_is_unwrapped(golden):
+    # The target, not only the checkpoint: load_pretrained(ddp_model, ...) and load_pretrained(compiled, ...)
+    # must load into the network inside (whose parameters the wrapper shares), with no prefix mismatch.
+    import torch.distributed as dist
+
+    compiled = torch.compile(golden_net(golden))  # not run: no compilation happens
+    report = load_pretrained(compiled, golden["state_dict"])
+    assert len(report.loaded) == len(golden["state_dict"]) and report.missing == []
+    _assert_same_outputs(compiled._orig_mod, golden)
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(golden_net(golden))
+        report = load_pretrained(ddp, {f"module.{k}": v for k, v in golden["state_dict"].items()})
+        assert len(report.loaded) == len(golden["state_dict"]) and report.missing == []
+        _assert_same_outputs(ddp.module, golden)
+    finally:
+        dist.destroy_process_group()
