@@ -39,7 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["FastCPUModule", "TESTED_TORCH_VERSIONS", "active", "dropout", "forward", "pre_activation_conv", "transformer_mlp", "window_attention"]
+__all__ = [
+    "FastCPUModule", "TESTED_TORCH_VERSIONS", "active", "dropout", "forward", "pre_activation_conv", "transformer_mlp",
+    "window_attention",
+]
 
 # The torch versions (major, minor) whose kernels and dispatch these functions were tested against: the
 # convolution routing below copies a PyTorch heuristic, so ``fast_cpu_kernels=None`` (auto) uses them only there.

@@ -57,7 +57,7 @@ def _frozen_norm_stats(module: nn.Module) -> Iterator[None]:
                     b.copy_(old)
 
 
-def _checkpoint_contexts(module: nn.Module) -> Tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+def _checkpoint_contexts(module: nn.Module) -> Tuple[contextlib.AbstractContextManager, ...]:
     """(forward, recomputation) contexts of :func:`torch.utils.checkpoint.checkpoint` for ``module``."""
     return contextlib.nullcontext(), _frozen_norm_stats(module)
 
