@@ -23,7 +23,7 @@ from .checks import (
     load_datalist,
 )
 from .data import SeededDataset, VolumePairDataset
-from .engines import DeepSupervisionSlidingWindowInferer, VolumeFusionPrepareBatch, sync_batchnorm
+from .engines import VolumeFusionPrepareBatch, sync_batchnorm
 from .handlers import HausdorffDistanceMM, PerClassMetricsWriter, RunRecord
 from .loading import LoadCheckedImaged
 from .resume import AtomicCheckpointSaver, TrainingCheckpointer, atomic_torch_save
@@ -48,7 +48,6 @@ __all__ = [
     "LoadCheckedImaged",
     "SeededDataset",
     "VolumePairDataset",
-    "DeepSupervisionSlidingWindowInferer",
     "VolumeFusionPrepareBatch",
     "sync_batchnorm",
     "PerClassMetricsWriter",

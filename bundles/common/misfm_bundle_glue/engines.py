@@ -7,12 +7,11 @@ from typing import Any
 
 import torch
 from monai.engines.utils import PrepareBatch
-from monai.inferers import SlidingWindowInferer
 from monai.utils import CommonKeys
 
 from misfm_transforms import volume_fusion_batch
 
-__all__ = ["VolumeFusionPrepareBatch", "DeepSupervisionSlidingWindowInferer", "sync_batchnorm"]
+__all__ = ["VolumeFusionPrepareBatch", "sync_batchnorm"]
 
 
 class VolumeFusionPrepareBatch(PrepareBatch):
@@ -52,21 +51,6 @@ def default_generator(device: torch.device) -> torch.Generator:
     if device.type == "cuda":
         return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
     return torch.default_generator
-
-
-class DeepSupervisionSlidingWindowInferer(SlidingWindowInferer):
-    """``SlidingWindowInferer`` that keeps only the full-resolution output of a deep-supervision network.
-
-    PCT-Net with ``deep_supervision=True`` returns ``[full, 1/2, 1/4, 1/8]`` in eval mode too; validation during
-    training uses the training network, so this inferer takes element 0. Plain networks pass through.
-    """
-
-    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any):
-        def _full_resolution(x: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
-            out = network(x, *a, **k)
-            return out[0] if isinstance(out, (list, tuple)) else out
-
-        return super().__call__(inputs, _full_resolution, *args, **kwargs)
 
 
 def sync_batchnorm(network: Any, enabled: bool, device: Any) -> Any:
