@@ -155,7 +155,8 @@ def _masked_scale(x: torch.Tensor, keep: torch.Tensor, scale: float, out: torch.
         return out.mul_(scale) if scale != 1.0 else out
     flat_x, flat_keep, flat_out = flats
     for start in range(0, flat_x.numel(), _CHUNK):
-        part = torch.mul(flat_x[start : start + _CHUNK], flat_keep[start : start + _CHUNK], out=flat_out[start : start + _CHUNK])
+        chunk = slice(start, start + _CHUNK)
+        part = torch.mul(flat_x[chunk], flat_keep[chunk], out=flat_out[chunk])
         if scale != 1.0:
             part.mul_(scale)
     return out
@@ -281,7 +282,8 @@ class _TransformerMlp(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight1, weight2, pre, keep = ctx.saved_tensors
         x_shape = x.shape
-        grad_out, x, pre = grad_out.reshape(-1, grad_out.shape[-1]), x.view(-1, x.shape[-1]), pre.view(-1, pre.shape[-1])
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1])
+        x, pre = x.view(-1, x.shape[-1]), pre.view(-1, pre.shape[-1])
         need = ctx.needs_input_grad
         grad_w2 = grad_b2 = None
         if need[3]:
@@ -378,7 +380,8 @@ def _dot_negative_part(a: torch.Tensor, b: torch.Tensor) -> float:
         return float(torch.dot(a.reshape(-1), b.clamp(max=0).reshape(-1)))
     flat_a, flat_b = flats
     return math.fsum(
-        float(torch.dot(flat_a[i : i + _CHUNK], flat_b[i : i + _CHUNK].clamp(max=0))) for i in range(0, flat_a.numel(), _CHUNK)
+        float(torch.dot(flat_a[i : i + _CHUNK], flat_b[i : i + _CHUNK].clamp(max=0)))
+        for i in range(0, flat_a.numel(), _CHUNK)
     )
 
 
@@ -386,7 +389,8 @@ def _conv_apply(conv: nn.Module, h: torch.Tensor, weight: torch.Tensor, bias: Op
     """The forward of ``conv`` (an ``nn.Conv3d`` or ``nn.ConvTranspose3d``) with the given parameters."""
     if type(conv) is nn.Conv3d:
         return _conv3d(conv, h, weight, bias)
-    return F.conv_transpose3d(h, weight, bias, conv.stride, conv.padding, conv.output_padding, conv.groups, conv.dilation)
+    return F.conv_transpose3d(h, weight, bias, conv.stride, conv.padding, conv.output_padding, conv.groups,
+                              conv.dilation)
 
 
 def _pointwise_backward(

@@ -142,7 +142,8 @@ def load_pretrained(
         if name not in target:
             report.unexpected.append(name)
         elif mode == "encoder" and is_prediction_head(name):
-            report.skipped.append((name, tuple(value.shape), tuple(target[name].shape), "prediction head, mode='encoder'"))
+            report.skipped.append((name, tuple(value.shape), tuple(target[name].shape),
+                                   "prediction head, mode='encoder'"))
         elif value.shape != target[name].shape:
             why = "class count differs" if is_prediction_head(name) else "shape differs"
             report.skipped.append((name, tuple(value.shape), tuple(target[name].shape), why))

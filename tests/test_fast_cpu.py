@@ -114,7 +114,8 @@ def test_masked_scale_walks_both_tensors_in_memory_order(layout, monkeypatch):
     other = x.contiguous() if layout == "channels_last" else x.contiguous(memory_format=torch.channels_last_3d)
     assert torch.equal(fast_cpu._masked_scale(other, keep, scale, torch.empty_like(other)), expected)
     grad = torch.randn_like(x)
-    assert fast_cpu._dot_negative_part(grad, x) == pytest.approx(float((grad.double() * x.double().clamp(max=0)).sum()), rel=1e-5)
+    expected = float((grad.double() * x.double().clamp(max=0)).sum())
+    assert fast_cpu._dot_negative_part(grad, x) == pytest.approx(expected, rel=1e-5)
 
 
 def test_dropout_is_seeded_and_stock_where_it_should_be():

@@ -31,6 +31,7 @@ def _steps(model, net, x, steps):
     return losses
 
 
+@pytest.mark.slow  # dynamo + AOTAutograd graph capture: tens of seconds each on 2 cores
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_compiled_training_fullgraph_matches_eager(checkpointing):
     # No dropout, so the compiled and the eager step draw nothing and must agree; checkpointing=True must not
@@ -50,6 +51,7 @@ def test_compiled_training_fullgraph_matches_eager(checkpointing):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=name)  # weights after 3 steps, running stats
 
 
+@pytest.mark.slow  # dynamo + AOTAutograd graph capture: tens of seconds each on 2 cores
 def test_compiled_training_with_dropout_and_attention_checkpointing():
     # The default dropout / DropPath and the explicit-softmax attention with its checkpoint, in one graph.
     torch.manual_seed(0)

@@ -22,6 +22,7 @@ def _train_step(net, x, seed):
     return [o.detach() for o in outs], grads
 
 
+@pytest.mark.slow  # three full-size training steps per case: minutes on 2 cores
 @pytest.mark.parametrize("resolution_mode,mode", [(0, True), (1, True), (1, "attention")])
 def test_checkpointing_gives_the_same_outputs_gradients_and_norm_statistics(resolution_mode, mode):
     torch.manual_seed(0)

@@ -54,7 +54,8 @@ def test_other_class_count_skips_and_reports_the_heads(golden):
     assert all(".out_conv" in name for name in skipped)
     assert len(skipped) == 2 * 8  # weight + bias of 2 pyramid heads and 2 output convs in each of 3 heads
     torch.testing.assert_close(net.pred_heads[1].out_conv0.conv[2].weight, fresh_head)  # left as initialised
-    torch.testing.assert_close(net.pyramid_ct.down3.conv[2].weight, golden["state_dict"]["pyramid_ct.down3.conv.2.weight"])
+    loaded = golden["state_dict"]["pyramid_ct.down3.conv.2.weight"]
+    torch.testing.assert_close(net.pyramid_ct.down3.conv[2].weight, loaded)
     assert "class count differs" in report.summary()
 
 
