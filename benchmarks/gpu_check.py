@@ -147,7 +147,7 @@ def check_sdpa(ctx: Context) -> str:
     torch.manual_seed(0)
     attention = WindowAttention(64, 6, 4).cuda().eval()
     windows = torch.randn(2, 8, 216, 64, device="cuda")
-    mask = shift_mask((12, 12, 12), 6, 3, torch.device("cuda"))  # (8 windows, 216, 216)
+    mask = shift_mask((12, 12, 12), 6, 3, windows)  # (8 windows, 216, 216) on the windows' device
     tolerance = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
     ran, worst = [], 0.0
     for dtype, tol in tolerance.items():
