@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import bundle_utils as bu
 import nibabel as nib
 import numpy as np
+
+import bundle_utils as bu
 
 N_CLASSES = 5  # thorax bundle
 

@@ -12,12 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import bundle_utils as bu
 import pytest
 import torch
 
 import misfm_bundle_glue as glue
 from misfm_bundle_glue import resume
+
+import bundle_utils as bu
 
 pytestmark = pytest.mark.slow  # runs real bundles / processes: minutes
 

@@ -20,13 +20,13 @@ import threading
 import zipfile
 from pathlib import Path
 
-import bundle_utils as bu
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 import build
+import bundle_utils as bu
 
 pytestmark = pytest.mark.slow  # runs real bundles / processes: minutes
 

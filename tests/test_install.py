@@ -10,8 +10,9 @@ import shutil
 import subprocess
 import sys
 
-import bundle_utils as bu
 import pytest
+
+import bundle_utils as bu
 
 pytestmark = pytest.mark.slow
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import json
 
-import bundle_utils as bu
 import matplotlib.image
 import pytest
 import torch
 
 from misfm_demo import label_efficiency as le
 from misfm_nets import PCTNet
+
+import bundle_utils as bu
 
 pytestmark = pytest.mark.slow  # runs real bundles / processes: minutes
 

@@ -19,11 +19,12 @@ import subprocess
 import time
 from pathlib import Path
 
-import bundle_utils as bu
 import pytest
 import torch
 
 from misfm_bundle_glue import resume
+
+import bundle_utils as bu
 
 pytestmark = pytest.mark.slow  # runs real bundles / processes: minutes
 

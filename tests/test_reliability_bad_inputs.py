@@ -14,11 +14,12 @@ import logging
 import os
 from pathlib import Path
 
-import bad_inputs as bi
-import bundle_utils as bu
 import pytest
 
 import misfm_bundle_glue as glue
+
+import bad_inputs as bi
+import bundle_utils as bu
 
 pytestmark = pytest.mark.slow  # runs real bundles / processes: minutes
 

@@ -20,10 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import bundle_utils as bu
 import pytest
-import test_reliability as tr  # checkpoint / TensorBoard helpers
 import torch
+
+import bundle_utils as bu
+import test_reliability as tr  # checkpoint / TensorBoard helpers
 
 pytestmark = pytest.mark.slow  # runs real bundles / processes: minutes
 

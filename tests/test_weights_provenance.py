@@ -11,14 +11,15 @@ import sys
 import threading
 from pathlib import Path
 
-import bundle_utils as bu
 import pytest
 import torch
 
-import build
 from misfm_bundle_glue import weights
 from misfm_demo import convert
 from misfm_nets import PCTNet
+
+import build
+import bundle_utils as bu
 
 TINY_SET = ["feature_channels=[4,8,16,32,64]", "num_heads=[2,4,8]", "roi_size=[32,32,16]"]
 TINY = {"feature_channels": [4, 8, 16, 32, 64], "num_heads": [2, 4, 8], "roi_size": [32, 32, 16]}
