@@ -24,6 +24,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from monai.data import MetaTensor
 from monai.networks.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -258,11 +259,14 @@ class SwinBlock(nn.Module):
         are built in the graph: a cached tensor would enter it as a constant of another call."""
         b, s, h, w, _ = x.shape
         ws, shift = self.window_size, self.shift_size
+        # made from a plain tensor: a MONAI MetaTensor batch would lend the index tensors its batch metadata, and
+        # slicing them would then slice (and fail on) that metadata
+        like = x.as_tensor() if isinstance(x, MetaTensor) else x
 
         def build() -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
             padded = (-(-s // ws) * ws, -(-h // ws) * ws, -(-w // ws) * ws)
-            mask = shift_mask(padded, ws, shift, x) if shift > 0 else None
-            return (*window_indices(b, (s, h, w), ws, shift, x), mask)
+            mask = shift_mask(padded, ws, shift, like) if shift > 0 else None
+            return (*window_indices(b, (s, h, w), ws, shift, like), mask)
 
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
             return build()

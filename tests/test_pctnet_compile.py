@@ -85,6 +85,22 @@ def test_window_cache_is_bounded_and_follows_the_device():
     assert out.device.type == "meta" and all(k[-1].type == "meta" for b in blocks for k in b._windows)
 
 
+def test_window_tensors_of_a_monai_batch_are_plain_tensors():
+    """MONAI trainers feed collated MetaTensor batches: the cached window indices and masks must not inherit their
+    batch metadata (slicing an index tensor would slice that metadata too, and fail on some batches)."""
+    from monai.data import MetaTensor, list_data_collate
+
+    # no dropout: the MetaTensor then reaches the transformer blocks unchanged (as in the bundles' DDP test)
+    net = PCTNet(1, 2, SIZE, deep_supervision=True, dropout=(0.0,) * 5, drop_path=0.0, **TINY).train()
+    batch = list_data_collate([{"image": MetaTensor(torch.randn(1, *SIZE), affine=torch.eye(4))} for _ in range(2)])
+    assert isinstance(batch["image"], MetaTensor) and batch["image"].is_batch
+    outputs = net(batch["image"])
+    assert len(outputs) == 4
+    cached = [t for b in net.modules() if isinstance(b, SwinBlock) for v in b._windows.values() for t in v
+              if t is not None]
+    assert cached and all(type(t) is torch.Tensor for t in cached)
+
+
 def test_trace_and_export_hold_no_device_constant():
     # Traced / exported on the CPU, both run on meta tensors: any index, mask or arange made with device="cpu"
     # would raise a device mismatch there.
