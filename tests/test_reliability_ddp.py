@@ -200,7 +200,8 @@ def _sampler_indices(datalist: Path, root: Path, rank: int, epoch: int) -> list[
 
 
 @pytest.mark.parametrize("n_train", [4, 5])
-def test_each_rank_gets_a_disjoint_shard(tmp_path, n_train):
+def test_each_rank_gets_a_disjoint_shard(tmp_path, n_train, monkeypatch):
+    monkeypatch.syspath_prepend(str(bu.BUNDLES_DIR / THORAX))  # as `python -m monai.bundle run` does: <bundle>_lib
     dl = _datalist(tmp_path / "ds", n_train=n_train)
     names = sorted(os.path.basename(d["image"]) for d in json.loads(dl.read_text())["training"])
     orders = []
