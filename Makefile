@@ -28,13 +28,14 @@ test: lint
 	PYTHONUTF8=1 $(PY) -m pytest -q tests
 
 # The quick tests on the oldest MONAI that setup.cfg admits (supported = tested), in a venv of its own.
-OLDEST_MONAI := 1.5.0
+OLDEST_MONAI := 1.6.0
 OLD_VENV     := .venv-monai$(OLDEST_MONAI)
 $(OLD_VENV)/.misfm-installed: setup.cfg pyproject.toml
 	test -x $(OLD_VENV)/bin/python || $(PYTHON) -m venv $(OLD_VENV)
 	$(OLD_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(OLD_VENV)/bin/python -m pip install --quiet torch==2.13.0
-	$(OLD_VENV)/bin/python -m pip install --quiet -e ".[demo,test,bench]" "monai==$(OLDEST_MONAI)"
+	# torch pinned again: a MONAI that wanted another torch must fail here, not pull a multi-GB CUDA build
+	$(OLD_VENV)/bin/python -m pip install --quiet -e ".[demo,test,bench]" "monai==$(OLDEST_MONAI)" torch==2.13.0
 	touch $@
 
 test-oldest: $(OLD_VENV)/.misfm-installed

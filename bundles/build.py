@@ -113,7 +113,7 @@ def render_config(bundle: str, filename: str) -> str:
     return _dump(out)
 
 
-# The versions CI runs the bundles with (MONAI 1.5.0 for the quick tests too): the Model Zoo's metadata pins
+# The versions CI runs the bundles with (MONAI 1.6.0 for the quick tests too): the Model Zoo's metadata pins
 # what was tested. Update them with the Makefile's pins.
 TESTED_VERSIONS = {
     "monai_version": "1.6.1",
